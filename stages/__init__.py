@@ -1,0 +1,1 @@
+"""Transfer-learning pipeline stages: one module per DVC stage plus shared plumbing."""
