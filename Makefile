@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine:
+#   make run    create .venv, install, initialise DVC, run the pipeline (dvc repro)
+#   make test   create .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+# Offline by default: look for datasets and weights in ../shared/datasets when it exists.
+PIPELINE_MIRROR ?= $(wildcard $(abspath ..)/shared/datasets)
+export PIPELINE_MIRROR
+
+.PHONY: install run test test-fast bench dvc-init clean finetune
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch, torchvision, timm, h5py, dvc, sklearn, stages.backbones"
+	touch $@
+
+install: $(VENV)/.installed
+
+dvc-init: install
+	test -d .dvc || dvc init --quiet
+	dvc config core.analytics false
+
+run: dvc-init
+	dvc repro
+	dvc metrics show
+
+finetune: dvc-init
+	dvc repro pipelines/finetune/dvc.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m stages.bench_extract
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,181 @@
+"""params.yaml validation: typos and bad values are rejected with a message naming the key."""
+from __future__ import annotations
+
+import copy
+import re
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import ParamError, Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_value(raw: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(raw)
+    *parents, last = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+def test_repo_params_load_and_cover_every_key(raw: dict) -> None:
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    # params.yaml documents every knob: each dataclass field appears in the file.
+    for section in dataclasses.fields(Params):
+        if section.name == "backbones":
+            continue
+        declared = {f.name for f in dataclasses.fields(getattr(params, section.name))}
+        assert declared == set(raw[section.name]), section.name
+
+
+@pytest.mark.parametrize("dotted, suggestion", [
+    ("head.Cs", "C"),
+    ("extract.batchsize", "batch_size"),
+    ("prepare.val_fraction_", "val_fraction"),
+    ("weights.alow_network", "allow_network"),
+    ("finetune.lr_bakbone", "lr_backbone"),
+    ("data.sorce", "source"),
+    ("reprot", None),
+])
+def test_unknown_key_is_rejected_with_suggestion(raw: dict, dotted: str, suggestion) -> None:
+    bad = with_value(raw, dotted, 1)
+    with pytest.raises(ParamError, match=f"unknown parameter '{dotted}'") as err:
+        parse_params(bad)
+    if suggestion:
+        assert f"Did you mean '{suggestion}'" in str(err.value)
+
+
+# One bad value for every key: (dotted key, bad value, text the message must contain).
+BAD_VALUES = [
+    ("backbones", ["resnet50;rm -rf ~"], "backbones[0] must be a name"),
+    ("backbones", ["resnet5o"], "backbones[0] must be a registered backbone"),
+    ("backbones", ["efficientnet_lite0", "efficientnet_lite0"], "must not repeat"),
+    ("backbones", [], "backbones must be a list"),
+    ("data.source", "ftp://example.org/x.zip", "data.source must be a local path, an http"),
+    ("data.source", "", "data.source must be a string"),
+    ("data.url", "file:///etc/passwd", "data.url must be a local path, an http"),
+    ("data.mirror", 3, "data.mirror must be"),
+    ("data.max_per_class", 0, "data.max_per_class must be a positive number"),
+    ("data.max_per_class", "ten", "data.max_per_class must be"),
+    ("data.max_archive_mb", -1, "data.max_archive_mb must be a positive"),
+    ("weights.mirror", ["a"], "weights.mirror must be"),
+    ("weights.allow_network", "yes", "weights.allow_network must be true or false"),
+    ("weights.timeout_s", 0, "weights.timeout_s must be a positive"),
+    ("weights.retries", -1, "weights.retries must be zero or a positive"),
+    ("weights.custom", "resnet", "weights.custom must be a mapping"),
+    ("weights.custom", {"Bad Name": {"arch": "timm:resnet18", "source": "x.pth", "sha256": "0" * 64}},
+     "weights.custom.Bad Name must be a name"),
+    ("weights.custom", {"mine": {"arch": "resnet18", "source": "x.pth", "sha256": "0" * 64}},
+     "weights.custom.*.arch must be 'timm:"),
+    ("weights.custom", {"mine": {"arch": "timm:resnet18", "source": "x.pth", "sha256": "abc"}},
+     "weights.custom.*.sha256 must be the file's full sha256"),
+    ("weights.custom", {"mine": {"arch": "timm:resnet18", "source": "x.pth"}}, "missing required key"),
+    ("weights.custom", {"mine": {"arch": "timm:resnet18", "source": "x.pth", "sha256": "0" * 64,
+                                 "size": 3}}, "unknown parameter 'weights.custom.mine.size'"),
+    ("prepare.val_fraction", 1.5, "prepare.val_fraction must be a fraction"),
+    ("prepare.test_fraction", -0.1, "prepare.test_fraction must be a fraction"),
+    ("prepare.seed", 1.5, "prepare.seed must be an integer"),
+    ("prepare.normalization", "imagenet", "prepare.normalization must be one of 'backbone', 'dataset'"),
+    ("prepare.stats_size", 0, "prepare.stats_size must be a positive"),
+    ("prepare.num_workers", "many", "prepare.num_workers must be an integer or one of 'auto'"),
+    ("extract.device", "gpu", "extract.device must be one of 'auto', 'cpu', 'cuda'"),
+    ("extract.precision", "fp32", "extract.precision must be one of"),
+    ("extract.compile", True, "extract.compile must be one of"),
+    ("extract.storage_dtype", "float64", "extract.storage_dtype must be one of"),
+    ("extract.batch_size", 0, "extract.batch_size must be a positive"),
+    ("extract.num_workers", -2.5, "extract.num_workers must be"),
+    ("extract.layers", [3], "extract.layers[0] must be a string"),
+    ("extract.tta", ["vflip"], "extract.tta[0] must be one of 'none', 'hflip'"),
+    ("extract.tta_mode", "max", "extract.tta_mode must be one of 'average', 'rows'"),
+    ("head.kind", "mlp", "head.kind must be one of 'logreg', 'linear_svm', 'svm_rbf', 'softmax'"),
+    ("head.C", -1, "head.C must be a positive float or a list of them"),
+    ("head.C", [1.0, 0], "head.C must be a positive float or a list of them"),
+    ("head.C", "big", "head.C[0] must be a number"),
+    ("head.max_iter", 0, "head.max_iter must be a positive"),
+    ("head.layer", None, "head.layer must be a string"),
+    ("head.layers", "some", "head.layers must be one of 'one', 'all'"),
+    ("head.refit_on_val", 1, "head.refit_on_val must be true or false"),
+    ("head.seed", "0", "head.seed must be an integer"),
+    ("head.ece_bins", 0, "head.ece_bins must be a positive"),
+    ("finetune.backbone", "Res Net", "finetune.backbone must be a name"),
+    ("finetune.regime", "some", "finetune.regime must be one of 'head', 'partial', 'full'"),
+    ("finetune.unfreeze_from", 4, "finetune.unfreeze_from must be a string"),
+    ("finetune.init_head", "zeros", "finetune.init_head must be one of 'probe', 'random'"),
+    ("finetune.epochs", 0, "finetune.epochs must be a positive"),
+    ("finetune.batch_size", -1, "finetune.batch_size must be a positive"),
+    ("finetune.optimizer", "adam", "finetune.optimizer must be one of 'adamw', 'sgd'"),
+    ("finetune.lr_backbone", -1e-4, "finetune.lr_backbone must be zero or a positive"),
+    ("finetune.lr_head", 0, "finetune.lr_head must be a positive"),
+    ("finetune.momentum", "high", "finetune.momentum must be a number"),
+    ("finetune.weight_decay", -0.1, "finetune.weight_decay must be zero or a positive"),
+    ("finetune.warmup_epochs", -1, "finetune.warmup_epochs must be zero or a positive"),
+    ("finetune.label_smoothing", 1.0, "finetune.label_smoothing must be a fraction"),
+    ("finetune.grad_clip", 0, "finetune.grad_clip must be a positive"),
+    ("finetune.precision", "half", "finetune.precision must be one of"),
+    ("finetune.patience", 0, "finetune.patience must be a positive"),
+    ("finetune.resume", "no", "finetune.resume must be true or false"),
+    ("finetune.seed", None, "finetune.seed must be an integer"),
+    ("finetune.num_workers", "x", "finetune.num_workers must be"),
+    ("report.primary_metric", "accuracy", "report.primary_metric must be one of"),
+]
+
+
+@pytest.mark.parametrize("dotted, value, message", BAD_VALUES, ids=[f"{d}={v!r}" for d, v, _ in BAD_VALUES])
+def test_bad_value_is_rejected_naming_the_key(raw: dict, dotted: str, value, message: str) -> None:
+    with pytest.raises(ParamError, match=re.escape(message)):
+        parse_params(with_value(raw, dotted, value))
+
+
+def test_every_key_has_a_bad_value_test() -> None:
+    tested = {d for d, _, _ in BAD_VALUES}
+    for section in dataclasses.fields(Params):
+        if section.name == "backbones":
+            assert "backbones" in tested
+            continue
+        for f in dataclasses.fields(section.default):
+            assert f"{section.name}.{f.name}" in tested, f"no bad-value test for {section.name}.{f.name}"
+
+
+def test_fractions_must_leave_training_images(raw: dict) -> None:
+    bad = with_value(with_value(raw, "prepare.val_fraction", 0.6), "prepare.test_fraction", 0.5)
+    with pytest.raises(ParamError, match=re.escape("prepare.val_fraction + prepare.test_fraction")):
+        parse_params(bad)
+
+
+def test_scalar_c_becomes_a_list_and_custom_backbone_is_accepted(raw: dict) -> None:
+    custom = {"mine": {"arch": "timm:resnet18", "source": "weights/mine.pth", "sha256": "a" * 64}}
+    params = parse_params(with_value(with_value(with_value(raw, "head.C", 2), "weights.custom", custom),
+                                     "backbones", ["mine"]))
+    assert params.head.C == (2.0,)
+    assert params.backbones == ("mine",)
+    assert params.weights.custom["mine"].input_size == 224
+
+
+def test_params_are_frozen() -> None:
+    params = parse_params({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.head.kind = "softmax"  # type: ignore[misc]
+
+
+def test_missing_and_invalid_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ParamError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    broken = tmp_path / "params.yaml"
+    broken.write_text("head: [unclosed\n")
+    with pytest.raises(ParamError, match="is not valid YAML"):
+        load_params(broken)
+    broken.write_text("- just\n- a list\n")
+    with pytest.raises(ParamError, match="must be a mapping"):
+        load_params(broken)
