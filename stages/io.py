@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class DownloadError(RuntimeError):
@@ -42,6 +45,7 @@ def atomic_path(dest: str | Path, *, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
@@ -102,6 +106,20 @@ def setup_logging() -> None:
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to http:// or https:// URLs."""
 
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: D102 (urllib API)
+        # urllib itself rejects file:// targets with an HTTPError (which would be retried as if the
+        # server failed); check first so that every refused scheme gets the same clear DownloadError.
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            newurl = urllib.parse.urljoin(req.full_url, location)
+            if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+                fp.close()
+                raise DownloadError(f"refused redirect from {req.full_url} to {newurl}: "
+                                    f"only http:// and https:// are allowed")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (urllib API)
         scheme = urllib.parse.urlsplit(newurl).scheme
         if scheme not in ("http", "https"):
@@ -156,8 +174,8 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None,
         except DownloadError:
             partial.unlink(missing_ok=True)
             raise
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            last_error = exc
+        except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as exc:
+            last_error = exc  # connection refused/reset/cut short (IncompleteRead): retry, resuming
     else:
         reason = getattr(last_error, "reason", last_error)
         raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {reason}. "
