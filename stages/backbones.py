@@ -265,12 +265,21 @@ KEY_MAPS: dict[str, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, tor
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint with `weights_only=True` and unwrap `state_dict`/`model` and `module.`."""
+    """Load a checkpoint with `weights_only=True` and unwrap `state_dict`/`model` and `module.`.
+
+    Pickles that would import anything but tensors and containers (code run by `__reduce__`) are
+    refused by torch's restricted unpickler before any of it runs; WeightsError says so.
+    """
+    if not Path(path).is_file():
+        raise WeightsError(f"weight file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+        # Keep torch's reason, not its advice to retry with weights_only=False.
+        reason = re.search(r"WeightsUnpickler error: (.*?\.)(?: Please use|\n|$)", str(exc))
+        detail = reason.group(1) if reason else (str(exc).strip().splitlines() or [repr(exc)])[0]
         raise WeightsError(f"refused to load {path}: it is not a plain tensor checkpoint "
-                           f"(loaded with weights_only=True): {exc}") from None
+                           f"(loaded with weights_only=True): {detail}") from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -286,7 +295,9 @@ def load_weights(model: nn.Module, backbone: Backbone, path: str | Path, *,
     """Load the checkpoint at `path` into `model`; fail if any backbone key is missing or mis-shaped.
 
     Keys under `allow_missing_prefixes` (a replaced classifier) may be missing or differ in shape.
-    Returns {"missing": [...], "unexpected": [...]} for the report.
+    Returns {"missing": model keys left at their initial values (including the skipped ones),
+    "unexpected": checkpoint keys the model does not have, "skipped": checkpoint keys under
+    `allow_missing_prefixes` not loaded because their shape differs} for the report.
     """
     state = read_state_dict(path)
     if backbone.key_map:
@@ -311,7 +322,7 @@ def load_weights(model: nn.Module, backbone: Backbone, path: str | Path, *,
     if result.unexpected_keys:
         logger.warning("%s: %d unexpected keys ignored, e.g. %s", path, len(result.unexpected_keys),
                        ", ".join(result.unexpected_keys[:5]))
-    return {"missing": missing + skipped, "unexpected": list(result.unexpected_keys)}
+    return {"missing": missing, "unexpected": list(result.unexpected_keys), "skipped": skipped}
 
 
 class FeatureModel(nn.Module):
