@@ -28,8 +28,12 @@ run: dvc-init
 	dvc repro
 	dvc metrics show
 
+# Fine-tune BACKBONE (one of params.yaml `backbones`; several: BACKBONE=a,b) as a DVC experiment: sets
+# params.yaml `finetune.backbones: [$(BACKBONE)]` and runs what changed (needs a git commit, as `dvc exp` does).
+BACKBONE ?= efficientnet_lite0
 finetune: dvc-init
-	dvc repro pipelines/finetune/dvc.yaml
+	dvc exp run -S 'finetune.backbones=[$(BACKBONE)]'
+	dvc metrics show
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -142,7 +142,9 @@ class HeadParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    backbone: str = "efficientnet_lite0"
+    # Backbones to fine-tune, each one of `backbones` (it starts from that backbone's weights@ and head@ outputs).
+    # Empty: fine-tuning is off and dvc.yaml's `foreach` generates no finetune@ stage.
+    backbones: tuple[str, ...] | tuple[()] = ()
     regime: Literal["head", "partial", "full"] = "partial"
     unfreeze_from: str = "blocks.5"
     init_head: Literal["probe", "random"] = "probe"
@@ -163,8 +165,7 @@ class FinetuneParams:
     num_workers: int | Literal["auto"] = "auto"
     checks = {"epochs": _positive, "batch_size": _positive, "lr_backbone": _non_negative,
               "lr_head": _positive, "weight_decay": _non_negative, "warmup_epochs": _non_negative,
-              "label_smoothing": _fraction, "grad_clip": _positive, "patience": _positive,
-              "backbone": _name}
+              "label_smoothing": _fraction, "grad_clip": _positive, "patience": _positive}
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple and not typing.get_args(tp):
+        return "an empty list []"
     if origin is tuple:
         return f"a list of ({_describe(typing.get_args(tp)[0])})"
     if origin is dict:
@@ -213,6 +216,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return _convert(arm, value, key)
             except ParamError:
                 continue
+    elif origin is tuple and not typing.get_args(tp):  # tuple[()]: only an empty list
+        if isinstance(value, list) and not value:
+            return ()
     elif origin is tuple:
         (inner, *rest) = typing.get_args(tp)
         if rest and rest[0] is not Ellipsis:  # fixed-length tuple such as an RGB triple
@@ -304,6 +310,16 @@ def parse_params(raw: Any, *, known_backbones: typing.Iterable[str] | None = Non
             raise ParamError(
                 f"backbones[{i}] must be a registered backbone or one declared under weights.custom; "
                 f"got {name!r}.{hint} Registered: {', '.join(sorted(known))}.")
+    finetune = params.finetune.backbones
+    if len(set(finetune)) != len(finetune):
+        raise ParamError(f"finetune.backbones must not repeat a name; got {list(finetune)}.")
+    for i, name in enumerate(finetune):
+        _name(f"finetune.backbones[{i}]", name)
+        if name not in params.backbones:
+            raise ParamError(
+                f"finetune.backbones[{i}] must be one of `backbones` ({', '.join(params.backbones)}): the "
+                f"fine-tune starts from that backbone's weights@ and head@ outputs; got {name!r}. Edit params.yaml: "
+                f"add it to `backbones`, or e.g. `dvc exp run -S 'finetune.backbones=[{params.backbones[0]}]'`.")
     return params
 
 

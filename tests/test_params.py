@@ -109,7 +109,11 @@ BAD_VALUES = [
     ("head.refit_on_val", 1, "head.refit_on_val must be true or false"),
     ("head.seed", "0", "head.seed must be an integer"),
     ("head.ece_bins", 0, "head.ece_bins must be a positive"),
-    ("finetune.backbone", "Res Net", "finetune.backbone must be a name"),
+    ("finetune.backbones", ["Res Net"], "finetune.backbones[0] must be a name"),
+    ("finetune.backbones", ["efficientnet_lite0", "resnet50"],
+     "finetune.backbones[1] must be one of `backbones` (efficientnet_lite0, efficientnet_lite1, efficientnet_lite2)"),
+    ("finetune.backbones", ["efficientnet_lite1", "efficientnet_lite1"], "finetune.backbones must not repeat"),
+    ("finetune.backbones", None, "finetune.backbones must be a list of (a string) or an empty list []"),
     ("finetune.regime", "some", "finetune.regime must be one of 'head', 'partial', 'full'"),
     ("finetune.unfreeze_from", 4, "finetune.unfreeze_from must be a string"),
     ("finetune.init_head", "zeros", "finetune.init_head must be one of 'probe', 'random'"),
@@ -161,6 +165,16 @@ def test_scalar_c_becomes_a_list_and_custom_backbone_is_accepted(raw: dict) -> N
     assert params.head.C == (2.0,)
     assert params.backbones == ("mine",)
     assert params.weights.custom["mine"].input_size == 224
+
+
+def test_finetune_is_off_by_default_and_takes_listed_backbones(raw: dict) -> None:
+    assert raw["finetune"]["backbones"] == [] and parse_params(raw).finetune.backbones == ()
+    assert parse_params({}).finetune.backbones == ()
+    params = parse_params(with_value(raw, "finetune.backbones", ["efficientnet_lite2", "efficientnet_lite0"]))
+    assert params.finetune.backbones == ("efficientnet_lite2", "efficientnet_lite0")
+    with pytest.raises(ParamError, match=re.escape("finetune.backbones[0] must be one of `backbones` "
+                                                   "(efficientnet_lite0): the fine-tune starts from")):
+        parse_params({"finetune": {"backbones": ["efficientnet_lite1"]}})
 
 
 def test_params_are_frozen() -> None:

@@ -1,0 +1,719 @@
+"""Fine-tune stage (optional, `finetune@<bb>`): train a backbone + linear classifier end to end.
+
+Off by default: dvc.yaml makes one `finetune@<bb>` stage per name in params.yaml `finetune.backbones` (empty by
+default, so none). Turn it on with `dvc exp run -S 'finetune.backbones=[efficientnet_lite0]'` or by editing
+params.yaml; each name must also be in `backbones` (the stage needs its verified weights and its linear probe).
+
+Regimes (`finetune.regime`):
+- `head`: only the new classifier trains; the whole backbone is frozen and in eval mode.
+- `partial`: the module named by `finetune.unfreeze_from` (e.g. `blocks.5` for efficientnet_lite*, `layer4` for
+  resnets) and every module after it train; "after" is `named_modules()` order (registration order, which is the
+  forward order of every registered backbone). Earlier modules are frozen AND kept in eval mode, so their
+  BatchNorm running statistics never change.
+- `full`: everything trains.
+
+`finetune.init_head: probe` starts the classifier from the linear probe the head stage exported
+(models/<backbone>/classifier.pt, scaler folded into weight/bias): LP-FT. `random` starts from a seeded init.
+
+Training: AdamW or SGD with momentum over four parameter groups (backbone/head x decay/no decay; biases and
+norm weights get no weight decay), per-step linear warmup then cosine decay, label smoothing, gradient clipping,
+RandomResizedCrop + flip, mixed precision (CUDA: bf16 or fp16 autocast; CPU: bf16 only where the CPU has it
+natively and a short measurement shows it is faster). Each epoch logs train/val loss and accuracy with dvclive,
+keeps the best checkpoint (val accuracy, ties broken by lower val loss) and the last one (model, optimizer,
+scheduler, grad scaler, every RNG state, history); `finetune.resume: true` continues from the last checkpoint
+with the same result as an uninterrupted run. Early stopping after `finetune.patience` epochs without improvement.
+
+Outputs (`--out models/finetune/<bb>`, `--reports reports/finetune/<bb>`): <out>/classifier.pt (same export format
+as the head stage, so `stages.predict` works with either), <out>/checkpoints/{last,best}.pt, <reports>/metrics.json
+(same keys as the head stage's metrics.json), <reports>/live/ (dvclive curves).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.backbones import (Backbone, Preprocess, WeightsError, build_model, classifier_path, get_backbone,
+                              load_weights, module_version, replace_module)
+from stages.extract import DTYPES, ExtractError, available_cores, dataset_preprocess, read_cpu_capability
+from stages.head import build_export
+from stages.images import ImageDataset, ImageDecodeError, eval_dataset, read_manifest, train_transform
+from stages.io import atomic_path, progress, read_json, setup_logging, sha256_file, write_json
+from stages.metrics import classification_metrics
+from stages.params import FinetuneParams, ParamError, load_params
+from stages.predict import PREPROCESS_KEYS
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class FinetuneError(RuntimeError):
+    """Inputs or settings do not allow fine-tuning; the message says which file or parameter and why."""
+
+
+# ------------------------------------------------------------------------------------------------ model
+class FinetuneNet(nn.Module):
+    """`body` maps images [B, 3, H, W] to pooled embeddings [B, D]; `head` (nn.Linear) maps them to logits [B, K].
+
+    `frozen` lists body modules that stay in eval mode whenever the net is put in train mode (their
+    BatchNorm statistics and dropout behave as at inference).
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.frozen: tuple[str, ...] = ()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(images).flatten(1))
+
+    def train(self, mode: bool = True) -> FinetuneNet:
+        super().train(mode)
+        if mode:
+            for name in self.frozen:
+                (self.body.get_submodule(name) if name else self.body).train(False)
+        return self
+
+
+def build_finetune_net(backbone: Backbone, weights_path: str | Path, num_classes: int) -> FinetuneNet:
+    """The backbone with verified weights and its ImageNet classifier replaced by a new nn.Linear(D, num_classes).
+
+    The new head is initialised from the global torch RNG (seed first).
+    """
+    model = build_model(backbone)
+    load_weights(model, backbone, weights_path)
+    path = classifier_path(backbone, model)
+    old = model.get_submodule(path)
+    if not isinstance(old, nn.Linear):
+        raise FinetuneError(f"{backbone.name}: the classifier {path!r} is a {type(old).__name__}, not nn.Linear; "
+                            f"cannot read the embedding size")
+    replace_module(model, path, nn.Identity())
+    return FinetuneNet(model, nn.Linear(old.in_features, num_classes))
+
+
+def init_head_from_probe(net: FinetuneNet, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy a linear probe's weight [K, D] and bias [K] into the head (a binary probe's [1, D] is made [2, D])."""
+    weight, bias = weight.float(), bias.float().reshape(-1)
+    if weight.shape[0] == 1 and net.head.out_features == 2:  # sigmoid(z) == softmax([-z/2, z/2])[1]
+        weight, bias = torch.cat([-weight / 2, weight / 2]), torch.cat([-bias / 2, bias / 2])
+    if tuple(weight.shape) != tuple(net.head.weight.shape) or bias.shape != net.head.bias.shape:
+        raise FinetuneError(f"the probe's linear layer is {tuple(weight.shape)} but the fine-tune head needs "
+                            f"{tuple(net.head.weight.shape)} (classes x embedding size)")
+    with torch.no_grad():
+        net.head.weight.copy_(weight)
+        net.head.bias.copy_(bias)
+
+
+def apply_regime(net: FinetuneNet, regime: str, unfreeze_from: str, *,
+                 suggestions: Sequence[str] = ()) -> dict[str, int]:
+    """Set `requires_grad` and the eval-mode list `net.frozen` for `regime`; return parameter counts.
+
+    partial: parameters owned by `unfreeze_from` and every module after it in `named_modules()` order train;
+    parameters owned by earlier modules (including the containers above `unfreeze_from`) are frozen, and every
+    earlier module that is not such a container stays in eval mode.
+    """
+    body_modules = list(net.body.named_modules())
+    if regime == "full":
+        first = 0
+    elif regime == "head":
+        first = len(body_modules)
+    else:
+        names = [name for name, _ in body_modules]
+        if unfreeze_from not in names:
+            hint = ", ".join(suggestions) or ", ".join(n for n, _ in net.body.named_children())
+            raise FinetuneError(f"finetune.unfreeze_from must name a module of the backbone, e.g. {hint}; "
+                                f"got {unfreeze_from!r}. Edit params.yaml.")
+        first = names.index(unfreeze_from)
+    target = body_modules[first][0] if first < len(body_modules) else None
+    frozen = []
+    for index, (name, module) in enumerate(body_modules):
+        trainable = index >= first
+        for parameter in module.parameters(recurse=False):
+            parameter.requires_grad_(trainable)
+        is_ancestor = target is not None and (name == "" or target.startswith(name + "."))
+        if not trainable and not is_ancestor and not any(name.startswith(f + ".") or f == "" for f in frozen):
+            frozen.append(name)
+    for parameter in net.head.parameters():
+        parameter.requires_grad_(True)
+    net.frozen = tuple(frozen)
+    count = {True: 0, False: 0}
+    for parameter in net.parameters():
+        count[parameter.requires_grad] += parameter.numel()
+    return {"trainable_parameters": count[True], "frozen_parameters": count[False]}
+
+
+# ----------------------------------------------------------------------------------------- optimization
+def param_groups(net: FinetuneNet, *, lr_backbone: float, lr_head: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in up to four named groups: backbone/head x decay/no decay.
+
+    1-D parameters (biases, norm weights and scales) get no weight decay; empty groups are left out.
+    """
+    groups = []
+    for part, module, lr in (("backbone", net.body, lr_backbone), ("head", net.head, lr_head)):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        for suffix, members, decay in (("", [p for p in trainable if p.ndim > 1], weight_decay),
+                                       ("_no_decay", [p for p in trainable if p.ndim <= 1], 0.0)):
+            if members:
+                groups.append({"params": members, "lr": lr, "weight_decay": decay, "name": part + suffix})
+    return groups
+
+
+def current_lr(optimizer: torch.optim.Optimizer, part: str) -> float:
+    """The learning rate now used for `part` ("backbone" or "head"); 0.0 when it has no trainable parameters."""
+    return next((g["lr"] for g in optimizer.param_groups if g["name"].startswith(part)), 0.0)
+
+
+def build_optimizer(groups: list[dict[str, Any]], params: FinetuneParams) -> torch.optim.Optimizer:
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=params.lr_head, momentum=params.momentum, nesterov=params.momentum > 0)
+    return torch.optim.AdamW(groups, lr=params.lr_head)
+
+
+def warmup_cosine(*, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor for optimizer step `s` (0-based): linear warmup to 1 over `warmup_steps`, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+    return factor
+
+
+# -------------------------------------------------------------------------------------------- precision
+def measure_step_seconds(net: FinetuneNet, *, dtype: torch.dtype, device: torch.device, input_size: int,
+                         batch_size: int = 8, repeats: int = 2) -> float:
+    """Seconds of one forward+backward on random images at `dtype` (best of `repeats`, after a warm-up).
+
+    Runs on a copy of `net` with forked RNG, so neither the model (BatchNorm statistics) nor any seed moves.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = copy.deepcopy(net).to(device).train()
+        images = torch.randn(batch_size, 3, input_size, input_size, device=device)
+        labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+        best = math.inf
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = nn.functional.cross_entropy(probe(images), labels)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if attempt:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+def resolve_precision(requested: str, device: torch.device,
+                      measure: Callable[[torch.dtype], float]) -> tuple[str, dict[str, Any]]:
+    """Pick the training dtype name; return it and the facts behind the choice for the report.
+
+    CUDA + auto: bf16 where supported, else fp16 (with a GradScaler). CPU + auto: bf16 only when the CPU has
+    native bf16 and `measure(bfloat16)` is at least 10% faster than `measure(float32)`; else fp32.
+    """
+    info: dict[str, Any] = {"requested": requested}
+    if device.type == "cuda":
+        if requested == "auto":
+            requested = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return requested, info
+    if requested == "float16":
+        raise FinetuneError("finetune.precision float16 needs a CUDA device; on CPU use auto, float32 or "
+                            "bfloat16. Edit params.yaml.")
+    info["cpu_native_bf16"] = bool(read_cpu_capability()["native_bfloat16"])
+    if requested != "auto":
+        if requested == "bfloat16" and not info["cpu_native_bf16"]:
+            logger.warning("finetune.precision bfloat16 on a CPU without native bf16: expect it to be slow")
+        return requested, info
+    if not info["cpu_native_bf16"]:
+        return "float32", info
+    fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
+    info["step_seconds"] = {"float32": round(fp32, 4), "bfloat16": round(bf16, 4)}
+    return ("bfloat16" if bf16 < 0.9 * fp32 else "float32"), info
+
+
+# ------------------------------------------------------------------------------------------------- data
+def resolve_workers(num_workers: int | str) -> int:
+    """`auto`: one decoding worker per core beyond the one that trains (at most 4; 0 on a single core)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    return min(4, available_cores() - 1)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: numpy and random follow the per-worker torch seed the loader derived."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
+                generator: torch.Generator) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order and worker seeds come only from `generator` (its state is checkpointed)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+        worker_init_fn=_seed_worker, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG state as tensors and plain values (loadable with torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+            "loader": loader_generator.get_state()}
+
+
+def restore_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    loader_generator.set_state(state["loader"])
+
+
+# ------------------------------------------------------------------------------------------------- loop
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch (1-based): train loss (the label-smoothed objective) and accuracy on the augmented images, in
+    train mode; val loss (plain cross-entropy, nats) and accuracy, float32 in eval mode; the learning rates of
+    the epoch's first step; wall seconds of training + validation."""
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr_backbone: float
+    lr_head: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    stopped_early: bool
+    resumed_from: int  # epochs already done when this run started (0: fresh)
+    precision: str
+    precision_choice: dict[str, Any]  # why `precision` was chosen (measurements), from the first session
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    dtype = DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def train_one_epoch(net: FinetuneNet, loader: torch.utils.data.DataLoader, *, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module,
+                    scaler: torch.amp.GradScaler, device: torch.device, precision: str,
+                    grad_clip: float | None, desc: str = "train") -> tuple[float, float]:
+    """One pass over `loader` with one optimizer and scheduler step per batch; returns (mean loss, accuracy)."""
+    net.train()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, labels, _ in progress(loader, desc=desc, unit="batch", leave=False):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = net(images)
+            loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(trainable, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+    return total_loss / seen, correct / seen
+
+
+@torch.inference_mode()
+def predict_proba(net: FinetuneNet, loader: torch.utils.data.DataLoader, *,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities [N, K] (float64, float32 forward in eval mode) and labels [N] in loader order."""
+    net.eval()
+    probs, labels = [], []
+    for images, batch_labels, _ in progress(loader, desc="eval", unit="batch", leave=False):
+        logits = net(images.to(device, non_blocking=True)).float()
+        probs.append(torch.softmax(logits.double(), 1).cpu().numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(probs), np.concatenate(labels).astype(np.int64)
+
+
+def _loss_accuracy(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy (nats) and accuracy of probabilities [N, K] against labels [N]."""
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1.0)
+    return float(-np.log(picked).mean()), float((probs.argmax(1) == labels).mean())
+
+
+class CurveLogger:
+    """Per-epoch curves for DVC plots in dvclive's layout: `<dir>/plots/metrics/{train,val}/{loss,accuracy}.tsv`
+    and `lr/{backbone,head}.tsv`, columns `step` (= epoch, 1-based) and the value.
+
+    Written with dvclive's own metric writer (dvclive.plots.Metric, what dvclive.Live uses) rather than Live
+    itself: Live also wires itself into Git/DVC/Studio -- it runs `dvc init` in a Git repo without DVC and
+    fails in a Git repo without commits (treeverse/dvclive#522) -- none of which the stage needs. Curves left
+    from an earlier run are removed first; a resumed run replays the checkpoint's history.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        from dvclive.plots import Metric
+
+        self._metric = Metric
+        self._folder = directory / "plots"
+        shutil.rmtree(self._folder / Metric.subfolder, ignore_errors=True)
+        self._writers: dict[str, Any] = {}
+
+    def __call__(self, record: EpochRecord) -> None:
+        values = {"train/loss": record.train_loss, "train/accuracy": record.train_accuracy,
+                  "val/loss": record.val_loss, "val/accuracy": record.val_accuracy,
+                  "lr/backbone": record.lr_backbone, "lr/head": record.lr_head}
+        for name, value in values.items():
+            writer = self._writers.setdefault(name, self._metric(name, str(self._folder)))
+            writer.step = record.epoch
+            writer.dump(value)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save `state` to `path` atomically (a crash never leaves a half checkpoint)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
+                 val_loader: torch.utils.data.DataLoader, *, params: FinetuneParams, checkpoint_dir: Path,
+                 fingerprint: str, loader_generator: torch.Generator, device: torch.device,
+                 precision: str | Callable[[], tuple[str, dict[str, Any]]],
+                 log_epoch: Callable[[EpochRecord], None] = lambda record: None) -> FinetuneResult:
+    """Train `net` (regime already applied) for up to `params.epochs` epochs; keep best.pt and last.pt.
+
+    With `params.resume` and a last.pt of the same `fingerprint`, every state (model, optimizer, scheduler,
+    grad scaler, RNGs, early-stopping counters, history, precision) is restored and training continues, so the
+    result equals an uninterrupted run. `precision` may be a callable returning (precision, why), called only
+    when starting fresh (resolve_precision).
+    `log_epoch` gets each epoch's record (first the ones replayed from the checkpoint), after last.pt is saved.
+    On return `net` holds the best epoch's weights.
+    """
+    net.to(device)
+    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    steps_per_epoch = len(train_loader)
+    optimizer = build_optimizer(param_groups(net, lr_backbone=params.lr_backbone, lr_head=params.lr_head,
+                                             weight_decay=params.weight_decay), params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        warmup_steps=round(params.warmup_epochs * steps_per_epoch), total_steps=params.epochs * steps_per_epoch))
+    criterion = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+
+    checkpoint = None
+    if last_path.exists():
+        checkpoint = load_checkpoint(last_path)
+        if not params.resume:
+            logger.info("finetune.resume is false: starting afresh over %s", last_path)
+            checkpoint = None
+        elif checkpoint.get("fingerprint") != fingerprint:
+            logger.warning("%s was written with other data, weights, settings or code; starting afresh", last_path)
+            checkpoint = None
+    if checkpoint is None:
+        best_path.unlink(missing_ok=True)
+        last_path.unlink(missing_ok=True)
+        precision, choice = precision() if callable(precision) else (precision, {"requested": precision})
+        done, history, best, bad_epochs, stopped = 0, [], None, 0, False
+    else:
+        precision, choice = checkpoint["precision"], checkpoint["precision_choice"]
+        net.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        done, bad_epochs, stopped = checkpoint["epoch"], checkpoint["bad_epochs"], checkpoint["stopped"]
+        best = checkpoint["best"]
+        history = [EpochRecord(**record) for record in checkpoint["history"]]
+        logger.info("resuming from %s after epoch %d of %d (best epoch %s)", last_path, done, params.epochs,
+                    best and best["epoch"])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
+    if checkpoint is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"], loader_generator)
+    for record in history:
+        log_epoch(record)
+
+    epochs = progress(range(done, params.epochs), desc="epochs", unit="epoch", initial=done, total=params.epochs)
+    for epoch in epochs:
+        if stopped:
+            break
+        start = time.perf_counter()
+        lrs = {part: current_lr(optimizer, part) for part in ("backbone", "head")}
+        train_loss, train_accuracy = train_one_epoch(
+            net, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion, scaler=scaler,
+            device=device, precision=precision, grad_clip=params.grad_clip, desc=f"epoch {epoch + 1}")
+        val_loss, val_accuracy = _loss_accuracy(*predict_proba(net, val_loader, device=device))
+        record = EpochRecord(
+            epoch=epoch + 1, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            lr_backbone=lrs["backbone"], lr_head=lrs["head"], seconds=time.perf_counter() - start)
+        history.append(record)
+        if best is None or (val_accuracy, -val_loss) > (best["accuracy"], -best["loss"]):
+            best, bad_epochs = {"epoch": epoch + 1, "accuracy": val_accuracy, "loss": val_loss}, 0
+            save_checkpoint(best_path, {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
+                                        "epoch": epoch + 1, "val": best, "model": net.state_dict()})
+        else:
+            bad_epochs += 1
+        stopped = bad_epochs >= params.patience and epoch + 1 < params.epochs
+        save_checkpoint(last_path, {
+            "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "epoch": epoch + 1,
+            "precision": precision, "precision_choice": choice, "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state(loader_generator), "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
+            "history": [asdict(r) for r in history]})
+        logger.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s", epoch + 1,
+                    params.epochs, train_loss, train_accuracy, val_loss, val_accuracy, record.seconds,
+                    " | best" if best["epoch"] == epoch + 1 else "")
+        log_epoch(record)
+        if stopped:
+            logger.info("early stopping: no val improvement for %d epochs (best epoch %d)", bad_epochs,
+                        best["epoch"])
+    net.load_state_dict(load_checkpoint(best_path)["model"])
+    return FinetuneResult(history=history, best_epoch=best["epoch"], stopped_early=stopped,
+                          resumed_from=0 if checkpoint is None else checkpoint["epoch"], precision=precision,
+                          precision_choice=choice)
+
+
+# ------------------------------------------------------------------------------------- probe and export
+EXPORT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The head stage's linear probe as logits = features @ weight.T + bias (StandardScaler folded in)."""
+    weight: torch.Tensor  # [K, D] (or [1, D]: the logit of class 1 of a binary probe)
+    bias: torch.Tensor  # [K] (or [1])
+    kind: str
+    sha256: str
+
+
+def probe_logits(head: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of logits from an exported linear head (stages/predict.py format).
+
+    softmax output: the scores are the logits. platt output (linear_svm): p_k = sigmoid(-(a_k s_k + b_k)), so
+    the logit is -(a_k s_k + b_k) -- exact for two classes, the usual approximation for one-vs-rest.
+    """
+    weight, bias = head["weight"].double(), head["bias"].double().reshape(-1)
+    if head.get("output", "softmax") == "platt":
+        a, b = head["platt_a"].double().reshape(-1), head["platt_b"].double().reshape(-1)
+        weight, bias = -a[:, None] * weight, -(a * bias + b)
+    return weight, bias
+
+
+def read_probe(path: Path, *, backbone: str, classes: Sequence[str], preprocess: Preprocess) -> Probe:
+    """The head stage's export at `path`, checked to fit this fine-tune: same backbone, classes and
+    preprocessing, the pooled layer, a linear head."""
+    if not path.is_file():
+        raise FinetuneError(f"{path} not found: finetune.init_head probe starts from the head stage's linear probe; "
+                            f"run `dvc repro head@{backbone}` first or set `init_head: random` in params.yaml")
+    export = torch.load(path, map_location="cpu", weights_only=True)
+    head, info = export.get("head") or {}, export.get("backbone") or {}
+    found = {"backbone": info.get("name"), "classes": list(export.get("classes") or []),
+             "layer": export.get("layer")}
+    expected = {"backbone": backbone, "classes": list(classes), "layer": "pool"}
+    for key in expected:
+        if found[key] != expected[key]:
+            raise FinetuneError(f"{path}: {key} is {found[key]!r} but the fine-tune needs {expected[key]!r}; "
+                                f"pass --probe models/{backbone}/classifier.pt, keep head.layer: pool and re-run "
+                                f"`dvc repro head@{backbone}`")
+    recorded = info.get("preprocess")
+    if recorded and {k: recorded.get(k) for k in PREPROCESS_KEYS} != preprocess.as_dict():
+        raise FinetuneError(f"{path}: the probe was fit on features preprocessed as {recorded} but the fine-tune "
+                            f"uses {preprocess.as_dict()}; re-run `dvc repro head@{backbone}`")
+    if head.get("type", "linear") != "linear" or not isinstance(head.get("weight"), torch.Tensor):
+        raise FinetuneError(f"{path}: a {head.get('kind')!r} head has no linear weight/bias to start from; use "
+                            f"head.kind logreg, linear_svm or softmax, or set `finetune.init_head: random`")
+    weight, bias = probe_logits(head)
+    return Probe(weight=weight, bias=bias, kind=str(head.get("kind")), sha256=sha256_file(path))
+
+
+def export_classifier(net: FinetuneNet, backbone: Backbone, *, preprocess: Preprocess, classes: Sequence[str],
+                      provenance: dict[str, Any]) -> dict[str, Any]:
+    """The head stage's export format (stages/predict.py): the fine-tuned backbone's state (classifier removed)
+    + a float64 linear softmax head; run in float32 without TTA, as the final evaluation ran."""
+    return build_export(
+        backbone_name=backbone.name,
+        backbone_state={k: v.detach().cpu().clone() for k, v in net.body.state_dict().items()},
+        backbone_spec={"arch": backbone.arch, "classifier": classifier_path(backbone, build_model(backbone)),
+                       "build_kwargs": dict(backbone.build_kwargs), "preprocess": preprocess.as_dict(),
+                       "tta": ["none"], "precision": "float32"},
+        layer="pool", classes=classes,
+        head_spec={"kind": "finetune", "type": "linear", "output": "softmax",
+                   "weight": net.head.weight.detach().cpu().double(), "bias": net.head.bias.detach().cpu().double()},
+        provenance={**provenance, "versions": {"torch": str(torch.__version__), "timm": module_version("timm")}})
+
+
+# ------------------------------------------------------------------------------------------------- main
+def split_rows(manifest: Path, classes: Sequence[str]) -> dict[str, tuple[list[str], list[int]]]:
+    """{split: (paths, labels)} from the manifest, checking that labels index `classes`."""
+    out: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
+    for row in read_manifest(manifest):
+        if not 0 <= row.label < len(classes) or classes[row.label] != row.cls:
+            raise FinetuneError(f"{manifest}: {row.path} has label {row.label} ({row.cls!r}) that does not match "
+                                f"classes.json {list(classes)}; re-run `dvc repro prepare`")
+        out[row.split][0].append(row.path)
+        out[row.split][1].append(row.label)
+    for split in ("train", "val"):
+        if not out[split][0]:
+            raise FinetuneError(f"{manifest}: the {split} split is empty; fine-tuning needs train and val images")
+    return out
+
+
+def fingerprint_of(**facts: Any) -> str:
+    """sha256 of everything that determines the training trajectory (a checkpoint resumes only on a match)."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", required=True,
+                        help="the backbone to fine-tune (one of params.yaml `finetune.backbones`)")
+    parser.add_argument("--raw", type=Path, required=True, help="the dataset tree (data/raw)")
+    parser.add_argument("--manifest", type=Path, required=True, help="data/prepared/manifest.csv")
+    parser.add_argument("--weights", type=Path, required=True, help="models/pretrained/<backbone>.pth")
+    parser.add_argument("--probe", type=Path, help="models/<backbone>/classifier.pt (for init_head: probe)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for classifier.pt and checkpoints/ (models/finetune/<backbone>)")
+    parser.add_argument("--reports", type=Path, required=True,
+                        help="folder for metrics.json and the dvclive curves in live/ (reports/finetune/<backbone>)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser.parse_args(argv)
+
+
+def finetune_stage(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything main does, without the exception handling: returns the metrics written."""
+    params = load_params(args.params)
+    p = params.finetune
+    backbone = get_backbone(args.backbone, params.weights.custom)
+    classes = list(read_json(args.manifest.parent / "classes.json"))
+    splits = split_rows(args.manifest, classes)
+    preprocess = dataset_preprocess(backbone.preprocess, params.prepare.normalization,
+                                    args.manifest.parent / "stats.json")
+    weights_sha256 = sha256_file(args.weights)
+    if backbone.weights.sha256 and weights_sha256 != backbone.weights.sha256:
+        raise FinetuneError(f"{args.weights}: sha256 {weights_sha256} differs from the registry's "
+                            f"{backbone.weights.sha256} for {backbone.name}; "
+                            f"re-run `dvc repro weights@{backbone.name}`")
+    probe = None
+    if p.init_head == "probe":
+        if args.probe is None:
+            raise FinetuneError("finetune.init_head is probe but no --probe file was given")
+        probe = read_probe(args.probe, backbone=backbone.name, classes=classes, preprocess=preprocess)
+
+    seed_everything(p.seed)
+    net = build_finetune_net(backbone, args.weights, len(classes))
+    if probe is not None:
+        init_head_from_probe(net, probe.weight, probe.bias)
+    counts = apply_regime(net, p.regime, p.unfreeze_from, suggestions=backbone.layers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    workers = resolve_workers(p.num_workers)
+    generator = torch.Generator().manual_seed(p.seed)
+    datasets = {split: ImageDataset(args.raw, paths, labels, train_transform(preprocess)) if split == "train"
+                else eval_dataset(args.raw, paths, labels, preprocess)
+                for split, (paths, labels) in splits.items() if paths}
+    train_loader = make_loader(datasets["train"], batch_size=p.batch_size, shuffle=True, num_workers=workers,
+                               generator=generator)
+    eval_loaders = {split: make_loader(dataset, batch_size=p.batch_size, shuffle=False, num_workers=workers,
+                                       generator=torch.Generator().manual_seed(p.seed))
+                    for split, dataset in datasets.items() if split != "train"}
+    manifest_sha256 = sha256_file(args.manifest)
+    provenance = {"manifest_sha256": manifest_sha256, "weights_sha256": weights_sha256,
+                  "probe_sha256": probe.sha256 if probe else None, "probe_kind": probe.kind if probe else None}
+    fingerprint = fingerprint_of(
+        params={k: v for k, v in asdict(p).items() if k not in ("backbones", "resume", "num_workers")},
+        backbone=backbone.name, workers=workers,
+        provenance=provenance, preprocess=preprocess.as_dict(), classes=classes, device=device.type,
+        code=sha256_file(Path(__file__)))
+
+    def measure(dtype: torch.dtype) -> float:
+        return measure_step_seconds(net, dtype=dtype, device=device, input_size=preprocess.input_size)
+
+    def choose_precision() -> tuple[str, dict[str, Any]]:
+        return resolve_precision(p.precision, device, measure)
+
+    result = run_finetune(net, train_loader, eval_loaders["val"], params=p, checkpoint_dir=args.out / "checkpoints",
+                          fingerprint=fingerprint, loader_generator=generator, device=device,
+                          precision=choose_precision, log_epoch=CurveLogger(args.reports / "live"))
+
+    metrics: dict[str, Any] = {
+        "backbone": backbone.name, "head": "linear", "layer": "pool", "C": None,
+        "regime": p.regime, "unfreeze_from": p.unfreeze_from if p.regime == "partial" else None,
+        "init_head": p.init_head, "train_seconds": round(sum(r.seconds for r in result.history), 3),
+        "seconds_per_epoch": round(float(np.mean([r.seconds for r in result.history])), 3),
+        "feature_dim": net.head.in_features, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
+        "device": device.type, "precision": result.precision, "precision_choice": result.precision_choice,
+        "num_workers": workers, **counts, **{f"n_{split}": len(splits[split][0]) for split in splits},
+        "features": {"backbone": backbone.name, "weights_sha256": weights_sha256, "manifest_sha256": manifest_sha256,
+                     "preprocess": preprocess.as_dict(), "probe_sha256": provenance["probe_sha256"]},
+    }
+    net.to(device)
+    for split, loader in eval_loaders.items():
+        probs, labels = predict_proba(net, loader, device=device)
+        metrics[split] = classification_metrics(probs, labels, classes, ece_bins=params.head.ece_bins)
+    net.cpu()
+    export = export_classifier(net, backbone, preprocess=preprocess, classes=classes,
+                               provenance={**provenance, "regime": p.regime, "best_epoch": result.best_epoch,
+                                           "val_accuracy": metrics["val"]["accuracy"]})
+    with atomic_path(args.out / "classifier.pt") as tmp:
+        torch.save(export, tmp)
+    write_json(args.reports / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        metrics = finetune_stage(args)
+    except (ParamError, FinetuneError, ExtractError, WeightsError, ImageDecodeError, KeyError) as exc:
+        logger.error("%s", exc)
+        return 1
+    logger.info("%s %s fine-tune: %d epochs (best %d), %.1fs per epoch, val accuracy %.4f", metrics["backbone"],
+                metrics["regime"], metrics["epochs_run"], metrics["best_epoch"], metrics["seconds_per_epoch"],
+                metrics["val"]["accuracy"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

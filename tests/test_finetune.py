@@ -1,0 +1,444 @@
+"""Fine-tune stage on a tiny timm CNN (test_efficientnet, random weights saved to a file) and 32x32 images of two
+separable classes: regimes freeze what they should, LR groups, resume == uninterrupted, best checkpoint, early
+stopping, and the CLI's metrics/export/dvclive outputs."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+from stages.backbones import Backbone, get_backbone
+from stages.finetune import (EpochRecord, FinetuneError, FinetuneNet, apply_regime, build_finetune_net,
+                             build_optimizer, init_head_from_probe, load_checkpoint, main, make_loader, param_groups,
+                             predict_proba, read_probe, resolve_precision, run_finetune, seed_everything,
+                             warmup_cosine)
+from stages.images import MANIFEST_FIELDS, ImageDataset, eval_transform, train_transform
+from stages.io import sha256_file
+from stages.params import CustomBackbone, FinetuneParams
+from stages.predict import load_classifier, predict_images
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["ants", "bees"]
+COLORS = {0: (200, 40, 40), 1: (40, 40, 200)}  # class 0 reddish, class 1 bluish: separable by colour
+SPLITS = {"train": 8, "val": 4}  # images per class
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model is ~20x faster on one thread than on two contended ones; restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/raw/<split>/<class>/*.png, data/prepared/{manifest.csv,classes.json}, models/pretrained/tiny.pth."""
+    root = tmp_path_factory.mktemp("finetune")
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, per_class in SPLITS.items():
+        for label, name in enumerate(CLASSES):
+            for i in range(per_class):
+                noise = rng.integers(-40, 40, size=(32, 32, 3))
+                pixels = np.clip(np.array(COLORS[label]) + noise, 0, 255).astype(np.uint8)
+                rel = f"{split}/{name}/{i:02d}.png"
+                (root / "data/raw" / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / "data/raw" / rel)
+                rows.append({"path": rel, "class": name, "label": label, "split": split,
+                             "sha256": sha256_file(root / "data/raw" / rel), "width": 32, "height": 32})
+    prepared = root / "data/prepared"
+    prepared.mkdir(parents=True)
+    with open(prepared / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["path"]))
+    (prepared / "classes.json").write_text(json.dumps(CLASSES))
+    torch.manual_seed(0)
+    weights = root / "models/pretrained/tiny.pth"
+    weights.parent.mkdir(parents=True)
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), weights)
+    return root
+
+
+def tiny_custom(project: Path) -> dict[str, CustomBackbone]:
+    weights = project / "models/pretrained/tiny.pth"
+    return {"tiny": CustomBackbone(arch="timm:test_efficientnet", source=str(weights),
+                                   sha256=sha256_file(weights), input_size=32, resize=32)}
+
+
+@pytest.fixture(scope="module")
+def backbone(project: Path) -> Backbone:
+    return get_backbone("tiny", tiny_custom(project))
+
+
+def make_net(backbone: Backbone, project: Path, regime: str = "partial", unfreeze_from: str = "blocks.3",
+             seed: int = 0) -> FinetuneNet:
+    seed_everything(seed)
+    net = build_finetune_net(backbone, project / "models/pretrained/tiny.pth", len(CLASSES))
+    apply_regime(net, regime, unfreeze_from)
+    return net
+
+
+def loaders(project: Path, backbone: Backbone, generator: torch.Generator, batch_size: int = 8, workers: int = 0):
+    rows = list(csv.DictReader(open(project / "data/prepared/manifest.csv", encoding="utf-8")))
+
+    def dataset(split: str, transform) -> ImageDataset:
+        picked = [r for r in rows if r["split"] == split]
+        return ImageDataset(project / "data/raw", [r["path"] for r in picked], [int(r["label"]) for r in picked],
+                            transform)
+
+    train = make_loader(dataset("train", train_transform(backbone.preprocess)), batch_size=batch_size,
+                        shuffle=True, num_workers=workers, generator=generator)
+    val = make_loader(dataset("val", eval_transform(backbone.preprocess)), batch_size=batch_size, shuffle=False,
+                      num_workers=0, generator=torch.Generator().manual_seed(0))
+    return train, val
+
+
+def train(net: FinetuneNet, project: Path, backbone: Backbone, checkpoints: Path, *, log=None, workers: int = 0,
+          fingerprint: str = "test", **overrides) -> tuple:
+    settings = {"epochs": 3, "batch_size": 8, "lr_backbone": 0.01, "lr_head": 0.05, "warmup_epochs": 0.5,
+                "precision": "float32", "patience": 10, **overrides}
+    params = FinetuneParams(**settings)
+    generator = torch.Generator().manual_seed(params.seed)
+    seed_everything(params.seed)
+    train_loader, val_loader = loaders(project, backbone, generator, params.batch_size, workers)
+    records: list[EpochRecord] = []
+
+    def log_epoch(record: EpochRecord) -> None:
+        records.append(record)
+        if log:
+            log(record)
+
+    result = run_finetune(net, train_loader, val_loader, params=params, checkpoint_dir=checkpoints,
+                          fingerprint=fingerprint, loader_generator=generator, device=torch.device("cpu"),
+                          precision="float32", log_epoch=log_epoch)
+    return result, records, val_loader
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str) -> dict[str, bool]:
+    return {k: not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)}
+
+
+# --- regimes -------------------------------------------------------------------------------------------
+
+def test_partial_keeps_earlier_modules_bit_identical_and_their_batchnorm_stats(project, backbone, tmp_path):
+    net = make_net(backbone, project, "partial", "blocks.3")
+    assert set(net.frozen) == {"conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"}
+    before = snapshot(net)
+    train(net, project, backbone, tmp_path, epochs=2)
+    after = load_checkpoint(tmp_path / "last.pt")["model"]  # after epoch 2 (`net` holds the best epoch)
+    for prefix in ("body.conv_stem.", "body.bn1.", "body.blocks.0.", "body.blocks.1.", "body.blocks.2."):
+        flags = changed(before, after, prefix)
+        assert flags and not any(flags.values()), prefix  # weights, running_mean/var, num_batches_tracked
+    for prefix in ("body.blocks.3.", "body.blocks.4.", "body.conv_head.", "head."):
+        assert any(changed(before, after, prefix).values()), prefix
+    # trained BatchNorm layers did update their statistics
+    assert changed(before, after, "body.bn2.running_mean")["body.bn2.running_mean"]
+    assert int(after["body.bn2.num_batches_tracked"]) == 2 * 2  # 2 epochs x 2 batches of 8
+    net.train()
+    assert not net.body.bn1.training and not net.body.blocks[2].training
+    assert net.body.blocks[3].training and net.body.bn2.training and net.body.training
+
+
+def test_full_changes_every_module_and_head_regime_none_of_the_body(project, backbone, tmp_path):
+    net = make_net(backbone, project, "full")
+    assert net.frozen == ()
+    before = snapshot(net)
+    train(net, project, backbone, tmp_path / "full", epochs=1)
+    after = snapshot(net)
+    for prefix in ("body.conv_stem.weight", "body.bn1.running_mean", "body.blocks.0.", "head.weight"):
+        assert any(changed(before, after, prefix).values()), prefix
+
+    net = make_net(backbone, project, "head")
+    assert net.frozen == ("",)
+    before = snapshot(net)
+    train(net, project, backbone, tmp_path / "head", epochs=1)
+    after = snapshot(net)
+    assert not any(changed(before, after, "body.").values())
+    assert all(changed(before, after, "head.").values())
+
+
+def test_unknown_unfreeze_from_names_the_parameter(project, backbone):
+    net = build_finetune_net(backbone, project / "models/pretrained/tiny.pth", 2)
+    with pytest.raises(FinetuneError, match=r"finetune.unfreeze_from must name a module .* e.g. blocks.5, "
+                                            r"layer4; got 'layer9'"):
+        apply_regime(net, "partial", "layer9", suggestions=("blocks.5", "layer4"))
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------------
+
+def test_param_groups_have_the_configured_lrs_and_no_decay_on_norms_and_biases(project, backbone):
+    net = make_net(backbone, project, "partial", "blocks.4")
+    groups = param_groups(net, lr_backbone=1e-4, lr_head=1e-2, weight_decay=0.05)
+    by_name = {g["name"]: g for g in groups}
+    assert [(n, g["lr"], g["weight_decay"]) for n, g in by_name.items()] == [
+        ("backbone", 1e-4, 0.05), ("backbone_no_decay", 1e-4, 0.0), ("head", 1e-2, 0.05),
+        ("head_no_decay", 1e-2, 0.0)]
+    names = {id(p): n for n, p in net.named_parameters()}
+    no_decay = {names[id(p)] for p in by_name["backbone_no_decay"]["params"] + by_name["head_no_decay"]["params"]}
+    assert "head.bias" in no_decay and "body.bn2.weight" in no_decay and "body.bn2.bias" in no_decay
+    assert all(p.ndim > 1 for p in by_name["backbone"]["params"] + by_name["head"]["params"])
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    grouped = {names[id(p)] for g in groups for p in g["params"]}
+    assert grouped == trainable and not any(n.startswith("body.blocks.3.") for n in grouped)
+
+    sgd = build_optimizer(groups, FinetuneParams(optimizer="sgd", momentum=0.8))
+    assert isinstance(sgd, torch.optim.SGD) and {g["momentum"] for g in sgd.param_groups} == {0.8}
+    adamw = build_optimizer(groups, FinetuneParams(optimizer="adamw"))
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert [g["lr"] for g in adamw.param_groups] == [1e-4, 1e-4, 1e-2, 1e-2]
+
+
+def test_warmup_then_cosine_per_step() -> None:
+    factor = warmup_cosine(warmup_steps=4, total_steps=12)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(8) == pytest.approx(0.5) and factor(12) == pytest.approx(0.0)
+    assert warmup_cosine(warmup_steps=0, total_steps=10)(0) == 1.0
+
+
+def test_precision_auto_on_cpu_uses_bf16_only_when_native_and_faster(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("stages.finetune.read_cpu_capability", lambda: {"native_bfloat16": True})
+    times = {torch.float32: 1.0, torch.bfloat16: 0.5}
+    assert resolve_precision("auto", cpu, times.__getitem__)[0] == "bfloat16"
+    times[torch.bfloat16] = 0.95  # not 10% faster
+    chosen, info = resolve_precision("auto", cpu, times.__getitem__)
+    assert chosen == "float32" and info["step_seconds"] == {"float32": 1.0, "bfloat16": 0.95}
+    monkeypatch.setattr("stages.finetune.read_cpu_capability", lambda: {"native_bfloat16": False})
+    assert resolve_precision("auto", cpu, lambda dtype: pytest.fail("must not measure"))[0] == "float32"
+    with pytest.raises(FinetuneError, match="finetune.precision float16 needs a CUDA device"):
+        resolve_precision("float16", cpu, times.__getitem__)
+
+
+# --- checkpoints, resume, early stopping ---------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 1])  # augmentation in the main process / seeded worker processes
+def test_resume_after_interruption_equals_uninterrupted_run(project, backbone, tmp_path, workers):
+    whole = make_net(backbone, project)
+    result, records, _ = train(whole, project, backbone, tmp_path / "whole", workers=workers)
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_after_epoch_1(record: EpochRecord) -> None:
+        if record.epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(make_net(backbone, project), project, backbone, tmp_path / "resumed", log=crash_after_epoch_1,
+              workers=workers)
+    assert load_checkpoint(tmp_path / "resumed/last.pt")["epoch"] == 1
+    resumed = make_net(backbone, project, seed=123)  # a different start: everything must come from last.pt
+    result2, records2, _ = train(resumed, project, backbone, tmp_path / "resumed", workers=workers)
+
+    assert result2.resumed_from == 1 and len(records2) == 3  # epoch 1 replayed to the logger, then 2 and 3
+    strip = lambda rs: [dataclasses.replace(r, seconds=0.0) for r in rs]  # noqa: E731
+    assert strip(records2) == strip(records)
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    last, last2 = load_checkpoint(tmp_path / "whole/last.pt"), load_checkpoint(tmp_path / "resumed/last.pt")
+    for key, value in last["model"].items():
+        assert torch.equal(value, last2["model"][key]), key
+    assert last["optimizer"]["state"][0]["step"] == last2["optimizer"]["state"][0]["step"] == 3 * 2
+    assert result.best_epoch == result2.best_epoch
+
+
+def test_a_checkpoint_of_other_settings_or_resume_false_starts_afresh(project, backbone, tmp_path):
+    train(make_net(backbone, project), project, backbone, tmp_path, epochs=1)
+    again, records, _ = train(make_net(backbone, project), project, backbone, tmp_path, epochs=1)
+    assert again.resumed_from == 1 and len(records) == 1  # same fingerprint: nothing left to train
+    other, _, _ = train(make_net(backbone, project), project, backbone, tmp_path, epochs=1, fingerprint="other")
+    assert other.resumed_from == 0
+    fresh, _, _ = train(make_net(backbone, project), project, backbone, tmp_path, epochs=1, fingerprint="other",
+                        resume=False)
+    assert fresh.resumed_from == 0
+
+
+def test_best_checkpoint_is_the_epoch_with_the_best_logged_val_metric(project, backbone, tmp_path):
+    net = make_net(backbone, project, "full")
+    result, records, val_loader = train(net, project, backbone, tmp_path, epochs=4, lr_backbone=0.003,
+                                        lr_head=0.01)
+    best = max(records, key=lambda r: (r.val_accuracy, -r.val_loss))
+    assert result.best_epoch == best.epoch
+    saved = load_checkpoint(tmp_path / "best.pt")
+    assert saved["epoch"] == best.epoch and saved["val"]["accuracy"] == best.val_accuracy
+    for key, value in saved["model"].items():  # the net returned holds the best weights
+        assert torch.equal(value, net.state_dict()[key]), key
+    probs, labels = predict_proba(net, val_loader, device=torch.device("cpu"))
+    assert float((probs.argmax(1) == labels).mean()) == best.val_accuracy
+    assert best.val_accuracy >= 0.75  # two colour classes: far above chance after a few epochs
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(project, backbone, tmp_path):
+    net = make_net(backbone, project, "head")
+    # learning rates far below float32 resolution: the model never changes, so val never improves
+    result, records, _ = train(net, project, backbone, tmp_path, epochs=6, patience=2, lr_backbone=0.0,
+                               lr_head=1e-30, weight_decay=0.0)
+    assert [r.epoch for r in records] == [1, 2, 3] and result.stopped_early and result.best_epoch == 1
+    assert load_checkpoint(tmp_path / "last.pt")["stopped"] is True
+
+
+def test_probe_init_copies_weights_and_expands_a_binary_probe(project, backbone):
+    net = build_finetune_net(backbone, project / "models/pretrained/tiny.pth", 2)
+    weight, bias = torch.randn(1, net.head.in_features), torch.tensor([0.3])
+    init_head_from_probe(net, weight, bias)
+    features = torch.randn(5, net.head.in_features)
+    expected = torch.sigmoid(features @ weight.T + bias).squeeze(1)
+    assert torch.allclose(torch.softmax(net.head(features), 1)[:, 1], expected, atol=1e-6)
+    with pytest.raises(FinetuneError, match=r"probe's linear layer is \(3, 7\)"):
+        init_head_from_probe(net, torch.zeros(3, 7), torch.zeros(3))
+
+
+# --- the stage end to end ------------------------------------------------------------------------------
+
+def write_params(project: Path, **finetune) -> Path:
+    weights = project / "models/pretrained/tiny.pth"
+    params = {
+        "backbones": ["tiny"],
+        "weights": {"custom": {"tiny": {"arch": "timm:test_efficientnet", "source": str(weights),
+                                        "sha256": sha256_file(weights), "input_size": 32, "resize": 32}}},
+        "finetune": {"backbones": ["tiny"], "regime": "partial", "unfreeze_from": "blocks.3", "epochs": 3,
+                     "batch_size": 8, "lr_backbone": 0.01, "lr_head": 0.05, "precision": "float32",
+                     "num_workers": 0, **finetune},
+    }
+    path = project / f"params-{len(list(project.glob('params-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_main(project: Path, out: Path, params: Path, probe: Path | None = None, backbone: str = "tiny") -> int:
+    argv = ["--backbone", backbone, "--raw", str(project / "data/raw"), "--manifest", str(project / "data/prepared/manifest.csv"),
+            "--weights", str(project / "models/pretrained/tiny.pth"), "--out", str(out / "models"),
+            "--reports", str(out / "reports"), "--params", str(params)]
+    return main(argv + (["--probe", str(probe)] if probe else []))
+
+
+def test_main_writes_head_style_metrics_an_export_predict_reads_and_dvclive_curves(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    assert run_main(project, tmp_path, write_params(project, init_head="random")) == 0
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert {"accuracy", "mean_class_accuracy", "macro_f1", "log_loss", "ece", "per_class"} <= set(metrics["val"])
+    assert set(metrics["val"]["per_class"]) == set(CLASSES) and metrics["val"]["n"] == 8
+    assert "test" not in metrics  # no test images
+    assert (metrics["backbone"], metrics["regime"], metrics["epochs_run"], metrics["feature_dim"]) == (
+        "tiny", "partial", 3, 256)
+    val_accuracy = [float(line.split("\t")[1]) for line in
+                    (tmp_path / "reports/live/plots/metrics/val/accuracy.tsv").read_text().splitlines()[1:]]
+    assert len(val_accuracy) == 3 and metrics["val"]["accuracy"] == max(val_accuracy) >= 0.75
+    assert {p.name for p in (tmp_path / "models/checkpoints").iterdir()} == {"best.pt", "last.pt"}
+
+    export = torch.load(tmp_path / "models/classifier.pt", weights_only=True)
+    assert export["classes"] == CLASSES and export["layer"] == "pool" and export["backbone"]["name"] == "tiny"
+    assert export["head"]["weight"].shape == (2, 256) and "classifier.weight" not in export["backbone_state"]
+    model = load_classifier(tmp_path / "models/classifier.pt")  # what `python -m stages.predict` runs
+    val = sorted((project / "data/raw/val").rglob("*.png"))
+    results = predict_images(model, val, topk=2)
+    labels = np.array([CLASSES.index(path.parent.name) for path in val])
+    probs = np.array([[next(t["probability"] for t in r["topk"] if t["class"] == c) for c in CLASSES]
+                      for r in results])
+    assert float((probs.argmax(1) == labels).mean()) == metrics["val"]["accuracy"]
+    assert -np.log(probs[np.arange(len(labels)), labels]).mean() == pytest.approx(metrics["val"]["log_loss"], abs=1e-5)
+
+
+def probe_export(project: Path, head: dict) -> dict:
+    preprocess = get_backbone("tiny", tiny_custom(project)).preprocess.as_dict()
+    return {"format_version": 1, "backbone": {"name": "tiny", "preprocess": preprocess}, "classes": CLASSES,
+            "layer": "pool", "head": head}
+
+
+def test_main_starts_from_the_probe_and_rejects_a_mismatched_one(project, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CI", "1")
+    weight = torch.randn(2, 256, dtype=torch.float64)
+    probe = probe_export(project, {"kind": "logreg", "type": "linear", "output": "softmax", "weight": weight,
+                                   "bias": torch.tensor([0.1, -0.1], dtype=torch.float64)})
+    torch.save(probe, tmp_path / "probe.pt")
+    # head regime, learning rates that cannot move float32 weights: the exported head is the probe
+    params = write_params(project, init_head="probe", regime="head", lr_head=1e-30, weight_decay=0.0, epochs=1)
+    assert run_main(project, tmp_path / "run", params, tmp_path / "probe.pt") == 0
+    export = torch.load(tmp_path / "run/models/classifier.pt", weights_only=True)
+    assert torch.equal(export["head"]["weight"], weight.float().double())
+
+    for name, change, message in (
+            ("classes", {"classes": ["cats", "dogs"]}, "classes is ['cats', 'dogs'] but the fine-tune needs"),
+            ("layer", {"layer": "blocks.3"}, "layer is 'blocks.3' but the fine-tune needs 'pool'"),
+            ("rbf", {"head": {"kind": "svm_rbf", "type": "rbf_svm"}}, "a 'svm_rbf' head has no linear weight"),
+            ("missing", None, "missing.pt not found")):
+        if change is not None:
+            torch.save({**probe, **change}, tmp_path / f"{name}.pt")
+        caplog.clear()
+        assert run_main(project, tmp_path / name, params, tmp_path / f"{name}.pt") == 1, name
+        assert message in caplog.text, name
+
+
+def test_probe_logits_from_a_platt_scaled_binary_svm(project):
+    svm = {"kind": "linear_svm", "type": "linear", "output": "platt",
+           "weight": torch.randn(1, 256, dtype=torch.float64),
+           "bias": torch.tensor([0.2], dtype=torch.float64), "platt_a": torch.tensor([-1.5], dtype=torch.float64),
+           "platt_b": torch.tensor([0.3], dtype=torch.float64)}
+    probe = read_probe_from(project, svm)
+    net = build_finetune_net(get_backbone("tiny", tiny_custom(project)), project / "models/pretrained/tiny.pth", 2)
+    init_head_from_probe(net, probe.weight, probe.bias)
+    x = torch.randn(4, 256, dtype=torch.float64)
+    platt = torch.sigmoid(-(svm["platt_a"] * (x @ svm["weight"].T + svm["bias"]) + svm["platt_b"])).squeeze(1)
+    assert torch.allclose(torch.softmax(net.head(x.float()), 1)[:, 1].double(), platt, atol=1e-5)
+
+
+def read_probe_from(project: Path, head: dict):
+    path = project / "probe-platt.pt"
+    torch.save(probe_export(project, head), path)
+    return read_probe(path, backbone="tiny", classes=CLASSES,
+                      preprocess=get_backbone("tiny", tiny_custom(project)).preprocess)
+
+
+def test_main_names_an_unknown_backbone(project, tmp_path, caplog):
+    assert run_main(project, tmp_path, write_params(project), backbone="tiny9") == 1
+    assert "unknown backbone 'tiny9'" in caplog.text
+    assert not (tmp_path / "models").exists()
+
+
+def test_checkpoint_resumes_when_only_the_list_of_finetuned_backbones_changes(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    first = write_params(project, init_head="random", regime="head", epochs=1)
+    assert run_main(project, tmp_path, first) == 0
+    assert json.loads((tmp_path / "reports/metrics.json").read_text())["resumed_from_epoch"] == 0
+    raw = yaml.safe_load(first.read_text())
+    raw["weights"]["custom"]["tiny2"] = raw["weights"]["custom"]["tiny"]
+    raw["backbones"], raw["finetune"]["backbones"] = ["tiny", "tiny2"], ["tiny2", "tiny"]
+    more = project / "more-backbones.yaml"
+    more.write_text(yaml.safe_dump(raw))
+    assert run_main(project, tmp_path, more) == 0  # tiny's training is unchanged: nothing left to train
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert (metrics["resumed_from_epoch"], metrics["epochs_run"], metrics["backbone"]) == (1, 1, "tiny")
+
+
+def test_dvc_yaml_generates_one_finetune_stage_per_listed_backbone_tracking_every_other_key():
+    from stages.finetune import parse_args
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]
+    assert stage["foreach"] == "${finetune.backbones}"
+    tracked = {p for p in stage["do"]["params"] if p.startswith("finetune.")}
+    assert tracked == {f"finetune.{f.name}" for f in dataclasses.fields(FinetuneParams) if f.name != "backbones"}
+    args = parse_args(stage["do"]["cmd"].replace("${item}", "efficientnet_lite0").split()[3:])
+    assert (args.backbone, str(args.out), str(args.reports), str(args.probe)) == (
+        "efficientnet_lite0", "models/finetune/efficientnet_lite0", "reports/finetune/efficientnet_lite0",
+        "models/efficientnet_lite0/classifier.pt")
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["do"]["outs"]]
+    assert outs == ["models/finetune/${item}/classifier.pt", "models/finetune/${item}/checkpoints"]
+    assert [next(iter(m)) for m in stage["do"]["metrics"]] == ["reports/finetune/${item}/metrics.json"]
+    deps = set(stage["do"]["deps"])
+    assert {str(a) for a in (args.raw, args.manifest)} | {"models/pretrained/${item}.pth",
+                                                           "models/${item}/classifier.pt"} <= deps
