@@ -10,12 +10,12 @@ export DVC_NO_ANALYTICS := 1
 PIPELINE_MIRROR ?= $(wildcard $(abspath ..)/shared/datasets)
 export PIPELINE_MIRROR
 
-.PHONY: install run test test-fast bench dvc-init clean finetune
+.PHONY: install run test test-fast bench dvc-init clean finetune finetune-ddp
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, timm, h5py, dvc, sklearn, stages.backbones"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch, torchvision, timm, h5py, dvc, sklearn, ray.data, stages.backbones"
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,6 +34,17 @@ BACKBONE ?= efficientnet_lite0
 finetune: dvc-init
 	dvc exp run -S 'finetune.backbones=[$(BACKBONE)]'
 	dvc metrics show
+
+# Fine-tune BACKBONE with DDP over NPROC processes: the finetune@ stage's own command under torchrun (one process per
+# GPU with NCCL, gloo on CPU; several machines: torchrun --nnodes/--rdzv-endpoint). finetune.batch_size stays the
+# effective batch: each process takes batch_size / NPROC images per step (it must divide). Needs the stage's inputs
+# (`dvc repro head@$(BACKBONE)`); with BACKBONE in params.yaml `finetune.backbones`, `dvc commit finetune@$(BACKBONE)`
+# then records the outputs as the stage's.
+NPROC ?= 2
+finetune-ddp: install
+	torchrun --standalone --nproc_per_node $(NPROC) -m stages.finetune --backbone $(BACKBONE) --raw data/raw \
+		--manifest data/prepared/manifest.csv --weights models/pretrained/$(BACKBONE).pth \
+		--probe models/$(BACKBONE)/classifier.pt --out models/finetune/$(BACKBONE) --reports reports/finetune/$(BACKBONE)
 
 test: install
 	$(BIN)/python -m pytest -q

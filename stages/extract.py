@@ -145,6 +145,14 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def fix_cuda_algorithms() -> None:
+    """Fixed cuDNN algorithms and no TF32, so that a resumed run (or another engine) gives the same bytes."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False  # float32 means float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def candidate_paths(device: str, precision: str, capability: dict[str, Any]) -> tuple[list[ComputePath], list[str]]:
     """Eager (uncompiled) paths worth measuring, and notes on what was left out and why.
 
@@ -520,27 +528,33 @@ def write_features(out: Path, *, rows: Sequence[ManifestRow], pool: RowPool, att
     key = pool.key
     views = stored_views(key)
     n_rows = len(rows) * views
+    # Built in memory (HDF5 core driver), then written with plain file I/O: on a full disk HDF5 reports the failed
+    # write while closing the file, where h5py only prints it and the process may crash; a Python write raises
+    # OSError(ENOSPC) instead, and atomic_path keeps the previous file. The image is the same bytes as a file.
+    with h5py.File(out.name, "w", driver="core", backing_store=False, track_order=False) as h5:
+        group = h5.create_group("features", track_order=False)
+        for layer in key["layers"]:
+            values = np.stack([pool.rows[r.sha256][layer] for r in rows]).reshape(n_rows, -1)
+            chunk_rows = max(1, min(n_rows, CHUNK_BYTES // max(1, values.shape[1] * values.itemsize)))
+            group.create_dataset(layer, data=values, chunks=(chunk_rows, values.shape[1]),
+                                 track_times=False)
+        columns = {
+            "labels": np.repeat(np.array([r.label for r in rows], dtype=np.int64), views),
+            "split": np.repeat(np.array([r.split.encode() for r in rows], dtype="S5"), views),
+            "sha256": np.repeat(np.array([r.sha256.encode() for r in rows], dtype="S64"), views),
+            "path": np.repeat(np.array([r.path for r in rows], dtype=object), views),
+        }
+        if key["tta_mode"] == "rows":
+            columns["view"] = np.tile(np.array([v.encode() for v in key["tta"]], dtype="S8"), len(rows))
+        for name, values in columns.items():
+            dtype = h5py.string_dtype("utf-8") if name == "path" else values.dtype
+            h5.create_dataset(name, data=values, dtype=dtype, track_times=False)
+        for name, value in attrs.items():
+            h5.attrs[name] = value
+        h5.flush()
+        image = h5.id.get_file_image()
     with atomic_path(out, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w", track_order=False) as h5:
-            group = h5.create_group("features", track_order=False)
-            for layer in key["layers"]:
-                values = np.stack([pool.rows[r.sha256][layer] for r in rows]).reshape(n_rows, -1)
-                chunk_rows = max(1, min(n_rows, CHUNK_BYTES // max(1, values.shape[1] * values.itemsize)))
-                group.create_dataset(layer, data=values, chunks=(chunk_rows, values.shape[1]),
-                                     track_times=False)
-            columns = {
-                "labels": np.repeat(np.array([r.label for r in rows], dtype=np.int64), views),
-                "split": np.repeat(np.array([r.split.encode() for r in rows], dtype="S5"), views),
-                "sha256": np.repeat(np.array([r.sha256.encode() for r in rows], dtype="S64"), views),
-                "path": np.repeat(np.array([r.path for r in rows], dtype=object), views),
-            }
-            if key["tta_mode"] == "rows":
-                columns["view"] = np.tile(np.array([v.encode() for v in key["tta"]], dtype="S8"), len(rows))
-            for name, values in columns.items():
-                dtype = h5py.string_dtype("utf-8") if name == "path" else values.dtype
-                h5.create_dataset(name, data=values, dtype=dtype, track_times=False)
-            for name, value in attrs.items():
-                h5.attrs[name] = value
+        tmp.write_bytes(image)
 
 
 def file_attributes(*, key: dict[str, Any], n_images: int, manifest_sha256: str,
@@ -702,47 +716,48 @@ def gather_reusable(key: dict[str, Any], shas: set[str], *, previous: RowPool | 
     return pool, counts
 
 
-def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out: Path,
-            params: ExtractParams, normalization: str = "backbone",
-            on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run the whole stage: write `out` (and remove its work file); return the extract.json report.
+@dataclass(frozen=True)
+class StageInputs:
+    """What both engines (local here, ray in stages/extract_ray.py) read before computing anything."""
+    rows: list[ManifestRow]  # the manifest, in its order
+    unique: list[ManifestRow]  # the first row of each distinct image content (unique_by_sha)
+    classes: list[str]
+    preprocess: Preprocess  # the backbone's, with the dataset mean/std under prepare.normalization: dataset
+    weights_sha256: str
+    layers: tuple[str, ...]
 
-    `on_batch(k)` is called after the k-th computed batch is durably in the work file (tests use it to
-    simulate a crash).
-    """
-    stage_start = time.perf_counter()
+    @property
+    def shas(self) -> set[str]:
+        return {r.sha256 for r in self.unique}
+
+
+def read_inputs(*, backbone: Backbone, weights: Path, manifest: Path, params: ExtractParams,
+                normalization: str) -> StageInputs:
+    """Read the manifest, classes.json beside it, the preprocessing and the weight file's sha256."""
     rows = read_manifest(manifest)
     if not rows:
         raise ExtractError(f"{manifest} lists no images; nothing to extract.")
     classes_path = manifest.parent / "classes.json"
     if not classes_path.exists():
         raise ExtractError(f"{classes_path} not found beside the manifest; run `dvc repro prepare`.")
-    classes = read_json(classes_path)
     preprocess = dataset_preprocess(backbone.preprocess, normalization, manifest.parent / "stats.json")
     if not Path(weights).is_file():
         raise ExtractError(f"weight file {weights} not found; run `dvc repro weights@{backbone.name}` first.")
-    weights_sha256 = sha256_file(weights)
-    layers = tuple(params.layers)
-    unique = unique_by_sha(rows)
-    shas = {r.sha256 for r in unique}
+    return StageInputs(rows=rows, unique=unique_by_sha(rows), classes=list(read_json(classes_path)),
+                       preprocess=preprocess, weights_sha256=sha256_file(weights), layers=tuple(params.layers))
 
-    device = resolve_device(params.device)
-    capability = read_cpu_capability()
-    cores = capability["cores"] if device == "cpu" else 1
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = False  # fixed algorithms: a resumed run gives the same bytes
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.allow_tf32 = False  # float32 means float32
-        torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(capability["cores"])
-    num_workers = (auto_num_workers(device, capability["cores"]) if params.num_workers == "auto"
-                   else params.num_workers)
-    candidates, notes = candidate_paths(device, params.precision, capability)
 
-    # Reusable rows, per candidate precision: the previous output (persist: true) and the work file.
-    keys = {c.precision: provenance_key(backbone=backbone.name, weights_sha256=weights_sha256,
-                                        preprocess=preprocess, layers=layers, precision=c.precision,
-                                        params=params) for c in candidates}
+@dataclass
+class Reusable:
+    """Rows computed earlier: the previous output (persist: true) and an interrupted run's work file."""
+    previous: RowPool | None
+    work: WorkLog
+    header: dict[str, Any] | None  # the work file's header, when it was written with one of the keys
+    pools: dict[str, tuple[RowPool, dict[str, int]]]  # per precision: (pool, {"features": n, "work_file": n})
+
+
+def read_reusable(out: Path, keys: dict[str, dict[str, Any]], shas: set[str]) -> Reusable:
+    """The reusable rows for each candidate precision's provenance key `keys[precision]`."""
     previous = read_features_rows(out)
     work = WorkLog(work_path_for(out))
     header, chunks = work.read()
@@ -752,6 +767,68 @@ def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out
         header, chunks = None, []
     pools = {p: gather_reusable(key, shas, previous=previous, work_header=header, work_chunks=chunks)
              for p, key in keys.items()}
+    return Reusable(previous=previous, work=work, header=header, pools=pools)
+
+
+def write_output(out: Path, *, inputs: StageInputs, manifest: Path, pool: RowPool, work: WorkLog) -> None:
+    """Write the features file from `pool` (every image's row), then remove the work file."""
+    attrs = file_attributes(key=pool.key, n_images=len(inputs.rows), manifest_sha256=sha256_file(manifest),
+                            classes=inputs.classes)
+    write_features(out, rows=inputs.rows, pool=pool, attrs=attrs)
+    work.remove()
+
+
+def row_counts(inputs: StageInputs, *, pool: RowPool, computed: int, reused_from: dict[str, int],
+               previous: RowPool | None) -> dict[str, Any]:
+    """The report's row bookkeeping (both engines): rows written, computed, reused (and from where), dropped."""
+    return {
+        "n_images": len(inputs.rows),
+        "rows": len(inputs.rows) * stored_views(pool.key),
+        "computed": computed,
+        "reused": len(inputs.unique) - computed,
+        "reused_from": reused_from,
+        "dropped": len(previous.rows.keys() - inputs.shas) if previous is not None else 0,
+        "duplicates": len(inputs.rows) - len(inputs.unique),
+    }
+
+
+def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out: Path,
+            params: ExtractParams, normalization: str = "backbone",
+            on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the whole stage: write `out` (and remove its work file); return the extract.json report.
+
+    `extract.engine: ray` hands the same job to stages.extract_ray (same rows, file and report keys).
+
+    `on_batch(k)` is called after the k-th computed batch is durably in the work file (tests use it to
+    simulate a crash).
+    """
+    if params.engine == "ray":
+        from stages.extract_ray import extract_ray  # Ray is an optional extra: imported only when asked for
+
+        return extract_ray(backbone=backbone, weights=weights, raw=raw, manifest=manifest, out=out,
+                           params=params, normalization=normalization, on_batch=on_batch)
+    stage_start = time.perf_counter()
+    inputs = read_inputs(backbone=backbone, weights=weights, manifest=manifest, params=params,
+                         normalization=normalization)
+    rows, unique, shas = inputs.rows, inputs.unique, inputs.shas
+    preprocess, weights_sha256, layers = inputs.preprocess, inputs.weights_sha256, inputs.layers
+
+    device = resolve_device(params.device)
+    capability = read_cpu_capability()
+    cores = capability["cores"] if device == "cpu" else 1
+    if device == "cuda":
+        fix_cuda_algorithms()
+    torch.set_num_threads(capability["cores"])
+    num_workers = (auto_num_workers(device, capability["cores"]) if params.num_workers == "auto"
+                   else params.num_workers)
+    candidates, notes = candidate_paths(device, params.precision, capability)
+
+    # Reusable rows, per candidate precision: the previous output (persist: true) and the work file.
+    keys = {c.precision: provenance_key(backbone=backbone.name, weights_sha256=weights_sha256,
+                                        preprocess=preprocess, layers=layers, precision=c.precision,
+                                        params=params) for c in candidates}
+    reusable = read_reusable(out, keys, shas)
+    previous, work, header, pools = reusable.previous, reusable.work, reusable.header, reusable.pools
     to_compute = {p: len(unique) - len(pool) for p, (pool, _) in pools.items()}
 
     # The compute path: an interrupted run's (same batches, same bytes), else measured.
@@ -813,10 +890,7 @@ def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out
         raise ExtractError("BatchNorm running statistics changed during extraction: the model was not in "
                            "eval mode.")
 
-    attrs = file_attributes(key=pool.key, n_images=len(rows), manifest_sha256=sha256_file(manifest),
-                            classes=classes)
-    write_features(out, rows=rows, pool=pool, attrs=attrs)
-    work.remove()
+    write_output(out, inputs=inputs, manifest=manifest, pool=pool, work=work)
 
     measured = selection["measurements"].get(path.name)
     if todo:
@@ -827,21 +901,15 @@ def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out
         source = "measurement on a real batch (forward only): every row was reused"
     else:
         images, seconds, source = 0, 0.0, "none: every row was reused"
-    n_dropped = len(previous.rows.keys() - shas) if previous is not None else 0
     report = {
         "backbone": backbone.name,
         "images": images,
         "seconds": round(seconds, 4),
         "images_per_second": round(images / seconds, 2) if seconds else None,
         "throughput_source": source,
-        "n_images": len(rows),
-        "rows": len(rows) * stored_views(pool.key),
-        "computed": len(todo),
-        "reused": len(unique) - len(todo),
-        "reused_from": reused_from,
-        "dropped": n_dropped,
-        "duplicates": len(rows) - len(unique),
+        **row_counts(inputs, pool=pool, computed=len(todo), reused_from=reused_from, previous=previous),
         "stage_seconds": round(time.perf_counter() - stage_start, 3),
+        "engine": "local",
         "device": device,
         "precision": path.precision,
         "storage_dtype": params.storage_dtype,
@@ -862,7 +930,7 @@ def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out
         "features_sha256": sha256_file(out),
     }
     logger.info("%s: wrote %s (%d rows): computed %d, reused %d, dropped %d%s", backbone.name, out,
-                report["rows"], report["computed"], report["reused"], n_dropped,
+                report["rows"], report["computed"], report["reused"], report["dropped"],
                 f"; {report['images_per_second']} images/s" if report["images_per_second"] else "")
     return report
 

@@ -23,6 +23,16 @@ keeps the best checkpoint (val accuracy, ties broken by lower val loss) and the 
 scheduler, grad scaler, every RNG state, history); `finetune.resume: true` continues from the last checkpoint
 with the same result as an uninterrupted run. Early stopping after `finetune.patience` epochs without improvement.
 
+Several GPUs or processes: the same command under `torchrun --nproc_per_node N` (`make finetune-ddp NPROC=N`) trains
+with DistributedDataParallel: NCCL on GPUs (one process per GPU), gloo on CPU. `finetune.batch_size` stays the
+effective batch: each process takes `batch_size / N` images per step (batch_size must be divisible by N), the
+train split is sharded by a DistributedSampler (reshuffled each epoch from `finetune.seed`), gradients are averaged
+across processes, so the steps per epoch, the LR schedule and the effective batch do not change with N. Each process
+augments with its own seed (`seed + rank`); BatchNorm statistics are per process (no SyncBatchNorm) and synced from
+rank 0 at each forward. Every process evaluates the whole val split (the models are identical, so all take the same
+best-epoch and early-stopping decisions); only rank 0 writes: checkpoints, curves, metrics and the export.
+Resume works as without DDP (each rank's RNG states are in last.pt); N is part of the checkpoint's fingerprint.
+
 Outputs (`--out models/finetune/<bb>`, `--reports reports/finetune/<bb>`): <out>/classifier.pt (same export format
 as the head stage, so `stages.predict` works with either), <out>/checkpoints/{last,best}.pt, <reports>/metrics.json
 (same keys as the head stage's metrics.json), <reports>/live/ (dvclive curves).
@@ -35,6 +45,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -45,7 +56,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 
 from stages.backbones import (Backbone, Preprocess, WeightsError, build_model, classifier_path, get_backbone,
                               load_weights, module_version, replace_module)
@@ -248,11 +262,12 @@ def resolve_precision(requested: str, device: torch.device,
 
 
 # ------------------------------------------------------------------------------------------------- data
-def resolve_workers(num_workers: int | str) -> int:
-    """`auto`: one decoding worker per core beyond the one that trains (at most 4; 0 on a single core)."""
+def resolve_workers(num_workers: int | str, world_size: int = 1) -> int:
+    """`auto`: one decoding worker per core beyond the one that trains (at most 4; 0 on a single core); under DDP
+    per process, from its share of the cores."""
     if num_workers != "auto":
         return int(num_workers)
-    return min(4, available_cores() - 1)
+    return max(0, min(4, available_cores() // world_size - 1))
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -263,11 +278,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
-                generator: torch.Generator) -> torch.utils.data.DataLoader:
-    """A DataLoader whose order and worker seeds come only from `generator` (its state is checkpointed)."""
+                generator: torch.Generator, sampler: DistributedSampler | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order and worker seeds come only from `generator` (its state is checkpointed), or under
+    DDP whose order comes from `sampler` (this rank's shard, reshuffled per epoch by `set_epoch`)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
-        worker_init_fn=_seed_worker, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=num_workers, generator=generator, worker_init_fn=_seed_worker,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -297,6 +314,73 @@ def restore_rng_state(state: dict[str, Any], loader_generator: torch.Generator) 
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     loader_generator.set_state(state["loader"])
+
+
+# ------------------------------------------------------------------------------------------ distributed
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job; world_size 1 is a plain single process."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes (checkpoints, curves, metrics, the export)."""
+        return self.rank == 0
+
+
+SINGLE = Distributed()
+
+
+def init_distributed() -> Distributed:
+    """Join the torchrun job described by $WORLD_SIZE, $RANK and $LOCAL_RANK (NCCL with CUDA, one GPU per process;
+    gloo on CPU); without torchrun (or with one process) a plain single process, SINGLE."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return SINGLE
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def per_rank_batch_size(batch_size: int, world_size: int) -> int:
+    """`finetune.batch_size` is the effective batch of one optimizer step: each of `world_size` processes takes
+    batch_size / world_size images (gradients are averaged over processes)."""
+    if batch_size % world_size:
+        below = batch_size - batch_size % world_size
+        raise FinetuneError(
+            f"finetune.batch_size must be divisible by the number of processes ({world_size}): it is the effective "
+            f"batch, split evenly across them; got {batch_size}. Edit params.yaml (e.g. `batch_size: "
+            f"{below or world_size}`) or launch a number of processes that divides {batch_size}.")
+    return batch_size // world_size
+
+
+def _sum_over_ranks(values: Sequence[float], ddp: Distributed, device: torch.device) -> list[float]:
+    """Element-wise sums over all processes (the values themselves without DDP)."""
+    if ddp.world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _rank_states(state: dict[str, Any], ddp: Distributed) -> list[dict[str, Any]]:
+    """Every rank's `state` (a collective: all ranks call it), in rank order."""
+    if ddp.world_size == 1:
+        return [state]
+    states: list[Any] = [None] * ddp.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _barrier(ddp: Distributed) -> None:
+    if ddp.world_size > 1:
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -333,16 +417,19 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 def train_one_epoch(net: FinetuneNet, loader: torch.utils.data.DataLoader, *, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module,
                     scaler: torch.amp.GradScaler, device: torch.device, precision: str,
-                    grad_clip: float | None, desc: str = "train") -> tuple[float, float]:
-    """One pass over `loader` with one optimizer and scheduler step per batch; returns (mean loss, accuracy)."""
-    net.train()
+                    grad_clip: float | None, desc: str = "train", model: nn.Module | None = None,
+                    ddp: Distributed = SINGLE) -> tuple[float, float]:
+    """One pass over `loader` with one optimizer and scheduler step per batch; returns (mean loss, accuracy), over
+    all processes under DDP. `model`: what runs the forward pass (the DistributedDataParallel wrapper of `net`)."""
+    forward = model if model is not None else net
+    forward.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels, _ in progress(loader, desc=desc, unit="batch", leave=False):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = net(images)
+            logits = forward(images)
             loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -355,6 +442,7 @@ def train_one_epoch(net: FinetuneNet, loader: torch.utils.data.DataLoader, *, op
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
+    total_loss, correct, seen = _sum_over_ranks([total_loss, correct, seen], ddp, device)
     return total_loss / seen, correct / seen
 
 
@@ -407,8 +495,8 @@ class CurveLogger:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save `state` to `path` atomically (a crash never leaves a half checkpoint)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: zip records named archive/..., not
+        torch.save(state, fh)  # after the random temporary file, so the same state gives the same bytes
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -419,7 +507,8 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
                  val_loader: torch.utils.data.DataLoader, *, params: FinetuneParams, checkpoint_dir: Path,
                  fingerprint: str, loader_generator: torch.Generator, device: torch.device,
                  precision: str | Callable[[], tuple[str, dict[str, Any]]],
-                 log_epoch: Callable[[EpochRecord], None] = lambda record: None) -> FinetuneResult:
+                 log_epoch: Callable[[EpochRecord], None] = lambda record: None,
+                 ddp: Distributed = SINGLE) -> FinetuneResult:
     """Train `net` (regime already applied) for up to `params.epochs` epochs; keep best.pt and last.pt.
 
     With `params.resume` and a last.pt of the same `fingerprint`, every state (model, optimizer, scheduler,
@@ -427,9 +516,14 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
     result equals an uninterrupted run. `precision` may be a callable returning (precision, why), called only
     when starting fresh (resolve_precision).
     `log_epoch` gets each epoch's record (first the ones replayed from the checkpoint), after last.pt is saved.
+    Under DDP (`ddp`, from init_distributed) every rank calls this: the forward runs through a
+    DistributedDataParallel wrapper, rank 0 alone writes and logs, and last.pt holds every rank's RNG states.
     On return `net` holds the best epoch's weights.
     """
     net.to(device)
+    model = None
+    if ddp.world_size > 1:
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(param_groups(net, lr_backbone=params.lr_backbone, lr_head=params.lr_head,
@@ -447,10 +541,16 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
         elif checkpoint.get("fingerprint") != fingerprint:
             logger.warning("%s was written with other data, weights, settings or code; starting afresh", last_path)
             checkpoint = None
+    _barrier(ddp)  # every rank has read last.pt before rank 0 may remove it
     if checkpoint is None:
-        best_path.unlink(missing_ok=True)
-        last_path.unlink(missing_ok=True)
+        if ddp.is_main:
+            best_path.unlink(missing_ok=True)
+            last_path.unlink(missing_ok=True)
         precision, choice = precision() if callable(precision) else (precision, {"requested": precision})
+        if ddp.world_size > 1:  # rank 0's measured choice, so that every rank trains alike
+            chosen = [precision, choice]
+            dist.broadcast_object_list(chosen, src=0)
+            precision, choice = chosen
         done, history, best, bad_epochs, stopped = 0, [], None, 0, False
     else:
         precision, choice = checkpoint["precision"], checkpoint["precision_choice"]
@@ -465,7 +565,10 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
     if checkpoint is not None:
         scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"], loader_generator)
+        restore_rng_state(checkpoint["rng_by_rank"][ddp.rank] if ddp.world_size > 1 else checkpoint["rng"],
+                          loader_generator)
+    if not ddp.is_main:
+        log_epoch = lambda record: None  # noqa: E731 - rank 0 alone writes the curves
     for record in history:
         log_epoch(record)
 
@@ -475,9 +578,12 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
             break
         start = time.perf_counter()
         lrs = {part: current_lr(optimizer, part) for part in ("backbone", "head")}
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
         train_loss, train_accuracy = train_one_epoch(
             net, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion, scaler=scaler,
-            device=device, precision=precision, grad_clip=params.grad_clip, desc=f"epoch {epoch + 1}")
+            device=device, precision=precision, grad_clip=params.grad_clip, desc=f"epoch {epoch + 1}",
+            model=model, ddp=ddp)
         val_loss, val_accuracy = _loss_accuracy(*predict_proba(net, val_loader, device=device))
         record = EpochRecord(
             epoch=epoch + 1, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
@@ -486,18 +592,23 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
         history.append(record)
         if best is None or (val_accuracy, -val_loss) > (best["accuracy"], -best["loss"]):
             best, bad_epochs = {"epoch": epoch + 1, "accuracy": val_accuracy, "loss": val_loss}, 0
-            save_checkpoint(best_path, {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
-                                        "epoch": epoch + 1, "val": best, "model": net.state_dict()})
+            if ddp.is_main:
+                save_checkpoint(best_path, {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
+                                            "epoch": epoch + 1, "val": best, "model": net.state_dict()})
         else:
             bad_epochs += 1
         stopped = bad_epochs >= params.patience and epoch + 1 < params.epochs
-        save_checkpoint(last_path, {
-            "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "epoch": epoch + 1,
-            "precision": precision, "precision_choice": choice, "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(loader_generator), "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
-            "history": [asdict(r) for r in history]})
+        rngs = _rank_states(rng_state(loader_generator), ddp)
+        if ddp.is_main:
+            save_checkpoint(last_path, {
+                "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "epoch": epoch + 1,
+                "precision": precision, "precision_choice": choice, "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rngs[0], **({"rng_by_rank": rngs} if ddp.world_size > 1 else {}),
+                "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
+                "history": [asdict(r) for r in history]})
+        _barrier(ddp)  # the checkpoints are complete before any rank may read them
         logger.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s", epoch + 1,
                     params.epochs, train_loss, train_accuracy, val_loss, val_accuracy, record.seconds,
                     " | best" if best["epoch"] == epoch + 1 else "")
@@ -543,7 +654,11 @@ def read_probe(path: Path, *, backbone: str, classes: Sequence[str], preprocess:
     if not path.is_file():
         raise FinetuneError(f"{path} not found: finetune.init_head probe starts from the head stage's linear probe; "
                             f"run `dvc repro head@{backbone}` first or set `init_head: random` in params.yaml")
-    export = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        export = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError (a pickled object: refused), RuntimeError, zip errors
+        raise FinetuneError(f"refused to load {path}: not a plain tensor export "
+                            f"(loaded with weights_only=True): {exc}") from None
     head, info = export.get("head") or {}, export.get("backbone") or {}
     found = {"backbone": info.get("name"), "classes": list(export.get("classes") or []),
              "layer": export.get("layer")}
@@ -617,10 +732,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def finetune_stage(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything main does, without the exception handling: returns the metrics written."""
+def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Everything main does, without the exception handling: returns the metrics written (None on the ranks
+    other than 0 under torchrun: they train, rank 0 evaluates and writes)."""
     params = load_params(args.params)
     p = params.finetune
+    ddp = init_distributed()
+    batch_size = per_rank_batch_size(p.batch_size, ddp.world_size)
+    if ddp.world_size > 1:
+        logger.info("DDP rank %d of %d (%s): %d images per step of the effective batch %d; %s", ddp.rank,
+                    ddp.world_size, dist.get_backend(), batch_size, p.batch_size,
+                    "writes the checkpoints, curves, metrics and export" if ddp.is_main else "writes nothing")
     backbone = get_backbone(args.backbone, params.weights.custom)
     classes = list(read_json(args.manifest.parent / "classes.json"))
     splits = split_rows(args.manifest, classes)
@@ -642,17 +764,21 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any]:
     if probe is not None:
         init_head_from_probe(net, probe.weight, probe.bias)
     counts = apply_regime(net, p.regime, p.unfreeze_from, suggestions=backbone.layers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    workers = resolve_workers(p.num_workers)
-    generator = torch.Generator().manual_seed(p.seed)
+    workers = resolve_workers(p.num_workers, ddp.world_size)
+    if ddp.world_size > 1:  # the same initial model everywhere (seeded above), then each rank its own augmentations
+        seed_everything(p.seed + ddp.rank)
+    generator = torch.Generator().manual_seed(p.seed + ddp.rank)
     datasets = {split: ImageDataset(args.raw, paths, labels, train_transform(preprocess)) if split == "train"
                 else eval_dataset(args.raw, paths, labels, preprocess)
                 for split, (paths, labels) in splits.items() if paths}
-    train_loader = make_loader(datasets["train"], batch_size=p.batch_size, shuffle=True, num_workers=workers,
-                               generator=generator)
+    sampler = (DistributedSampler(datasets["train"], num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
+                                  seed=p.seed) if ddp.world_size > 1 else None)
+    train_loader = make_loader(datasets["train"], batch_size=batch_size, shuffle=True, num_workers=workers,
+                               generator=generator, sampler=sampler)
     eval_loaders = {split: make_loader(dataset, batch_size=p.batch_size, shuffle=False, num_workers=workers,
                                        generator=torch.Generator().manual_seed(p.seed))
                     for split, dataset in datasets.items() if split != "train"}
@@ -661,7 +787,7 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any]:
                   "probe_sha256": probe.sha256 if probe else None, "probe_kind": probe.kind if probe else None}
     fingerprint = fingerprint_of(
         params={k: v for k, v in asdict(p).items() if k not in ("backbones", "resume", "num_workers")},
-        backbone=backbone.name, workers=workers,
+        backbone=backbone.name, workers=workers, world_size=ddp.world_size,
         provenance=provenance, preprocess=preprocess.as_dict(), classes=classes, device=device.type,
         code=sha256_file(Path(__file__)))
 
@@ -673,7 +799,10 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any]:
 
     result = run_finetune(net, train_loader, eval_loaders["val"], params=p, checkpoint_dir=args.out / "checkpoints",
                           fingerprint=fingerprint, loader_generator=generator, device=device,
-                          precision=choose_precision, log_epoch=CurveLogger(args.reports / "live"))
+                          precision=choose_precision, ddp=ddp,
+                          log_epoch=CurveLogger(args.reports / "live") if ddp.is_main else lambda record: None)
+    if not ddp.is_main:
+        return None
 
     metrics: dict[str, Any] = {
         "backbone": backbone.name, "head": "linear", "layer": "pool", "C": None,
@@ -683,7 +812,8 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any]:
         "feature_dim": net.head.in_features, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
         "device": device.type, "precision": result.precision, "precision_choice": result.precision_choice,
-        "num_workers": workers, **counts, **{f"n_{split}": len(splits[split][0]) for split in splits},
+        "num_workers": workers, "world_size": ddp.world_size, "per_process_batch_size": batch_size,
+        **counts, **{f"n_{split}": len(splits[split][0]) for split in splits},
         "features": {"backbone": backbone.name, "weights_sha256": weights_sha256, "manifest_sha256": manifest_sha256,
                      "preprocess": preprocess.as_dict(), "probe_sha256": provenance["probe_sha256"]},
     }
@@ -695,8 +825,8 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any]:
     export = export_classifier(net, backbone, preprocess=preprocess, classes=classes,
                                provenance={**provenance, "regime": p.regime, "best_epoch": result.best_epoch,
                                            "val_accuracy": metrics["val"]["accuracy"]})
-    with atomic_path(args.out / "classifier.pt") as tmp:
-        torch.save(export, tmp)
+    with atomic_path(args.out / "classifier.pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(export, fh)  # a file object: the same export gives the same bytes (see stages/head.py)
     write_json(args.reports / "metrics.json", metrics)
     return metrics
 
@@ -706,9 +836,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         metrics = finetune_stage(args)
-    except (ParamError, FinetuneError, ExtractError, WeightsError, ImageDecodeError, KeyError) as exc:
+    except (ParamError, FinetuneError, ExtractError, WeightsError, ImageDecodeError, KeyError, OSError) as exc:
         logger.error("%s", exc)
         return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if metrics is None:  # a rank other than 0 under torchrun
+        return 0
     logger.info("%s %s fine-tune: %d epochs (best %d), %.1fs per epoch, val accuracy %.4f", metrics["backbone"],
                 metrics["regime"], metrics["epochs_run"], metrics["best_epoch"], metrics["seconds_per_epoch"],
                 metrics["val"]["accuracy"])

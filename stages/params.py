@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
-NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
+# Names are interpolated into dvc.yaml shell commands and file paths: a letter or digit first (no `.`, `..`
+# or option-like `-x`), then letters, digits, `_`, `.`, `-`. Matched with fullmatch (`$` alone allows "\n").
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -43,8 +45,9 @@ def _non_negative(key: str, value: float) -> None:
 
 
 def _name(key: str, value: str) -> None:
-    _check(bool(NAME_RE.match(value)), key,
-           "a name of lowercase letters, digits, '_', '.' or '-' (it is used in file names and commands)",
+    _check(bool(NAME_RE.fullmatch(value)), key,
+           "a name of lowercase letters, digits, '_', '.' or '-', starting with a letter or digit "
+           "(it is used in file names and commands)",
            value, "efficientnet_lite0")
 
 
@@ -120,6 +123,9 @@ class ExtractParams:
     layers: tuple[str, ...] = ("pool",)
     tta: tuple[Literal["none", "hflip"], ...] = ("none",)
     tta_mode: Literal["average", "rows"] = "average"
+    # Where the backbone runs: this process (local) or a Ray cluster (ray; stages/extract_ray.py). Same bytes.
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # ray: a cluster to join; null: $RAY_ADDRESS, else a local instance
     checks = {"batch_size": _positive}
 
 
@@ -323,13 +329,51 @@ def parse_params(raw: Any, *, known_backbones: typing.Iterable[str] | None = Non
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml."""
+def read_params_yaml(path: str | Path = "params.yaml") -> Any:
+    """The parsed YAML of `path` (not validated)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamError(f"{path} not found; run from the repository root.") from None
     except yaml.YAMLError as exc:
         raise ParamError(f"{path} is not valid YAML: {exc}") from None
-    return parse_params(raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    return parse_params(read_params_yaml(path))
+
+
+def check_command_names(raw: Any) -> None:
+    """Validate the names dvc.yaml interpolates into shell commands (`backbones`, `finetune.backbones`,
+    `weights.custom` keys) and every value's type, without importing the registry (it needs torch).
+
+    DVC substitutes `${item...}` into a command before any stage code runs, so each command that carries a
+    name starts with `python -m stages.params || exit 1;`: the shell runs that check first and exits
+    before reaching the rest of the line when a name could be shell syntax (`resnet50;rm -rf ~`).
+    """
+    params = _build(Params, raw, "")
+    for key, names in (("backbones", params.backbones), ("finetune.backbones", params.finetune.backbones)):
+        for i, name in enumerate(names):
+            _name(f"{key}[{i}]", name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.params [params.yaml]`: exit 1 with the ParamError when a name is unsafe (see above)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m stages.params", description=check_command_names.__doc__)
+    parser.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    try:
+        check_command_names(read_params_yaml(args.params))
+    except ParamError as exc:
+        print(f"params: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

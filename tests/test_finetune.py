@@ -432,7 +432,8 @@ def test_dvc_yaml_generates_one_finetune_stage_per_listed_backbone_tracking_ever
     assert stage["foreach"] == "${finetune.backbones}"
     tracked = {p for p in stage["do"]["params"] if p.startswith("finetune.")}
     assert tracked == {f"finetune.{f.name}" for f in dataclasses.fields(FinetuneParams) if f.name != "backbones"}
-    args = parse_args(stage["do"]["cmd"].replace("${item}", "efficientnet_lite0").split()[3:])
+    assert stage["do"]["cmd"][0] == "python -m stages.params"  # refuses unsafe names before the shell sees them
+    args = parse_args(stage["do"]["cmd"][-1].replace("${item}", "efficientnet_lite0").split()[3:])
     assert (args.backbone, str(args.out), str(args.reports), str(args.probe)) == (
         "efficientnet_lite0", "models/finetune/efficientnet_lite0", "reports/finetune/efficientnet_lite0",
         "models/efficientnet_lite0/classifier.pt")

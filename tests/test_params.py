@@ -99,6 +99,8 @@ BAD_VALUES = [
     ("extract.layers", [3], "extract.layers[0] must be a string"),
     ("extract.tta", ["vflip"], "extract.tta[0] must be one of 'none', 'hflip'"),
     ("extract.tta_mode", "max", "extract.tta_mode must be one of 'average', 'rows'"),
+    ("extract.engine", "dask", "extract.engine must be one of 'local', 'ray'"),
+    ("extract.ray_address", 6379, "extract.ray_address must be a string or null"),
     ("head.kind", "mlp", "head.kind must be one of 'logreg', 'linear_svm', 'svm_rbf', 'softmax'"),
     ("head.C", -1, "head.C must be a positive float or a list of them"),
     ("head.C", [1.0, 0], "head.C must be a positive float or a list of them"),

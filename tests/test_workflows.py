@@ -191,3 +191,30 @@ def test_ci_pulls_only_what_one_stage_needs_from_a_remote(repo: Pipeline, tmp_pa
     assert not (clone / "data" / "raw").exists()  # the images were not needed, so not pulled
     assert json.loads((clone / f"reports/{LITE0}/metrics.json").read_text())["C"] == 1000.0
     shutil.rmtree(remote)
+
+
+def test_team_cache_a_fresh_clone_pulls_the_features_and_extracts_nothing(repo: Pipeline, tmp_path: Path) -> None:
+    """README "Team cache": after a run, `dvc push` to the team's remote (a local folder here; S3, GCS, SSH, ...
+    work alike); a teammate's fresh `git clone` then `dvc pull` + `dvc repro` runs no stage at all (no extraction)
+    and has byte-identical features; `dvc repro --pull` does the same in one command."""
+    remote = tmp_path / "team-cache"
+    baseline = repo("git", "rev-parse", "HEAD").strip()
+    repo("dvc", "remote", "add", "-d", "team", str(remote))
+    repo("git", "commit", "-q", "-am", "team cache remote")  # .dvc/config travels with the repository
+    try:
+        repo("dvc", "push")
+        features = f"features/{LITE0}.h5"
+        for name, commands in (("pull-then-repro", (["dvc", "pull"], ["dvc", "repro"])),
+                               ("repro-pull", (["dvc", "repro", "--pull"],))):
+            clone = tmp_path / name
+            repo("git", "clone", "-q", str(repo.root), str(clone))
+            assert not (clone / features).exists()
+            output = [repo(*cmd, cwd=clone) for cmd in commands][-1]
+            assert stages_run(output) == set(), output
+            # `dvc repro --pull` says "Pulling data for stage" where `dvc repro` says "didn't change, skipping"
+            reused = skipped_stages(output) | set(re.findall(r"Pulling data for stage: '([^']+)'", output))
+            assert UPSTREAM_OF_LITE0 | {"report"} <= reused, output
+            assert (clone / features).read_bytes() == (repo.root / features).read_bytes()
+            assert "up to date" in repo("dvc", "status", cwd=clone)
+    finally:
+        repo("git", "reset", "-q", "--hard", baseline)
