@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from stages.finetune import SINGLE, FinetuneError, init_distributed, per_rank_batch_size
-from test_finetune import one_thread, project, run_main, write_params  # noqa: F401 - fixtures
+from test_finetune import _one_thread, project, run_main, write_params  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 

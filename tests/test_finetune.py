@@ -32,12 +32,8 @@ SPLITS = {"train": 8, "val": 4}  # images per class
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model is ~20x faster on one thread than on two contended ones; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (fixture in conftest.py)."""
 
 
 @pytest.fixture(scope="module")

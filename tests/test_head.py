@@ -31,12 +31,8 @@ TINY_LAYERS = ("pool", "blocks.3")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems run faster (and the same) on one thread; the CPU is shared with other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (fixture in conftest.py)."""
 
 
 def blobs(n_per_class: int, n_classes: int, dim: int, *, seed: int, spread: float = 4.0):
