@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -67,7 +68,7 @@ from stages.images import ManifestRow, read_manifest
 from stages.io import atomic_path, setup_logging, sha256_file, write_json, write_text
 from stages.metrics import classification_metrics, expected_calibration_error
 from stages.params import HeadParams, ParamError, load_params
-from stages.predict import FORMAT_VERSION, build_head
+from stages.predict import FORMAT_VERSION, build_head, classifier_from_export
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +140,39 @@ def read_features(path: str | Path, layers: Sequence[str] | None = None) -> Feat
         if absent:
             raise HeadError(f"head.layer(s) {absent} not in {path}, which holds {stored}; add them to "
                             f"extract.layers or set head.layer to a stored layer (params.yaml)")
-        return FeatureFile(
+        data = FeatureFile(
             path=path, features={layer: handle["features"][layer][()] for layer in wanted},
-            labels=handle["labels"][()].astype(np.int64),
+            labels=handle["labels"][()],
             split=_read_strings(handle["split"]), sha256=_read_strings(handle["sha256"]),
             paths=[str(p) for p in _read_strings(handle["path"])], attrs=attrs)
+    check_arrays(data)
+    return dataclasses.replace(data, labels=data.labels.astype(np.int64))
+
+
+def check_arrays(data: FeatureFile) -> None:
+    """Raise HeadError unless every array has the contract's shape and dtype: features/<layer> [N, D] in the
+    file's storage_dtype (float16 | float32) and finite, labels [N] integer, split and sha256 [N]; N = rows of `path`."""
+    def fail(what: str, found: Any, expected: str) -> None:
+        raise HeadError(f"{data.path}: {what} is {found} but expected {expected}; the file is damaged or was not "
+                        f"written by the extract stage. Delete it and re-run `dvc repro extract`.")
+
+    n = len(data.paths)
+    for name, values in (("labels", data.labels), ("split", data.split), ("sha256", data.sha256)):
+        if values.shape != (n,):
+            fail(f"the shape of dataset {name}", values.shape, f"({n},), one entry per row of dataset path")
+    if data.labels.dtype.kind not in "iu":
+        fail("the dtype of dataset labels", data.labels.dtype, "an integer dtype (int64)")
+    storage = data.attrs.get("storage_dtype")
+    for layer, values in data.features.items():
+        if values.ndim != 2 or values.shape[0] != n:
+            fail(f"the shape of features/{layer}", values.shape, f"({n}, D): one row per row of dataset path")
+        allowed = [storage] if storage in ("float16", "float32") else ["float16", "float32"]
+        if values.dtype.name not in allowed:
+            fail(f"the dtype of features/{layer}", values.dtype.name,
+                 f"{' or '.join(allowed)} (attribute storage_dtype is {storage!r})")
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            fail(f"the number of NaN or infinite values in features/{layer}", bad, "0")
 
 
 def check_provenance(data: FeatureFile, *, backbone: str, weights_path: str | Path, weights_sha256: str,
@@ -453,6 +482,20 @@ def verify_export(head_spec: dict[str, Any], probe: Probe, features: np.ndarray)
     return largest
 
 
+def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> None:
+    """Raise HeadError unless the exported backbone's layer gives `dim` features: one forward pass of a blank
+    image [1, 3, S, S] through the classifier predict would rebuild (features that were cut or padded columnwise
+    would otherwise train a head the exported backbone cannot feed)."""
+    model = classifier_from_export(export)
+    size = model.preprocess.input_size
+    with torch.inference_mode():
+        produced = int(model.embed(torch.zeros(1, 3, size, size)).shape[1])
+    if produced != dim:
+        raise HeadError(f"{features_path}: features/{model.layer} has {dim} columns but layer {model.layer} of "
+                        f"{model.name} gives {produced}; the file is damaged or was not written by the extract "
+                        f"stage. Delete it and re-run `dvc repro extract`.")
+
+
 def build_export(*, backbone_name: str, backbone_state: dict[str, torch.Tensor], backbone_spec: dict[str, Any],
                  layer: str, classes: Sequence[str], head_spec: dict[str, Any],
                  provenance: dict[str, Any]) -> dict[str, Any]:
@@ -661,8 +704,10 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
         classes=classes, head_spec=head_spec,
         provenance={"features": provenance, "head": params.kind, "C": probe.C, "refit_on": probe.refit_on,
                     "versions": {"torch": str(torch.__version__), "sklearn": module_version("sklearn")}})
+    check_feature_dim(export, int(features.shape[1]), features_path)
     with atomic_path(model_path) as tmp:
-        torch.save(export, tmp)
+        with open(tmp, "wb") as fh:  # a file object: the zip records are named archive/..., not after the random
+            torch.save(export, fh)  # temporary file, so the same export gives the same bytes (and DVC hash)
         torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: plain tensors and values only
 
     metrics = {
@@ -739,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_head(backbone_name=args.backbone, features_path=args.features, manifest_path=args.manifest,
                            weights_path=args.weights, model_path=args.model, reports_dir=args.reports,
                            params=params.head, custom=params.weights.custom)
-    except (ParamError, HeadError, WeightsError, ValueError) as exc:
+    except (ParamError, HeadError, WeightsError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 1
     summary = ", ".join(f"{s} accuracy {metrics[s]['accuracy']:.4f}" for s in ("val", "test") if s in metrics)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -41,17 +42,40 @@ def atomic_path(dest: str | Path, *, suffix: str = "") -> Iterator[Path]:
     An interrupted run never leaves a half-written file under the final name.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise _cannot_write(dest, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        # A failed write of the temporary file (disk full, read-only, no permission) names `dest`; errors
+        # about other files (an input read inside the block) and our own exceptions pass through unchanged.
+        if (isinstance(exc, OSError) and not isinstance(exc, OutputError)
+                and (exc.filename is None or str(exc.filename) in (tmp, str(dest)))):
+            raise _cannot_write(dest, exc) from exc
         raise
+
+
+class OutputError(OSError):
+    """An output could not be written (disk full, read-only or not permitted); the previous file is unchanged."""
+
+
+def _cannot_write(dest: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota exceeded)",
+            errno.EROFS: f"{dest.parent} is on a read-only file system",
+            errno.EACCES: f"make {dest.parent} writable", errno.EPERM: f"make {dest.parent} writable"}.get(
+        exc.errno, "check the disk and the folder's permissions")
+    message = (f"cannot write {dest}: {reason}; any previous {dest.name} is unchanged "
+               f"(the new content went to a temporary file, now removed). Fix: {hint}, then re-run.")
+    return OutputError(exc.errno, message) if exc.errno is not None else OutputError(message)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = resolve_workers(params.prepare.num_workers)
         prepared = prepare_dataset(args.raw, params, num_workers=workers)
         write_outputs(prepared, out=args.out, reports=args.reports)
-    except (ParamError, PrepareError) as exc:
+    except (ParamError, PrepareError, OSError) as exc:  # OSError: an output could not be written
         logger.error("%s", exc)
         return 1
     s = prepared.summary

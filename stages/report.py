@@ -7,6 +7,7 @@ Reads the per-backbone reports the other stages write (file -> stage that writes
     reports/<bb>/weights.json   weights@<bb>  sha256 and verification level of the weight file
     reports/<bb>/layers.json    head@<bb>     optional: per-layer probe table (head.layers: all)
     reports/finetune/<bb>/metrics.json  finetune@<bb>  for each of finetune.backbones: same keys as the head
+    reports/prepare/quarantine.json     prepare       optional: files that are not usable images (a note, when any)
 
 and writes to `--out` (summary/; outside reports/ because DVC forbids an output inside a dependency):
 
@@ -465,6 +466,11 @@ def collect_rows(reports_dir: Path, backbones: Sequence[str], *,
         name, row = finetune_row(finetune, backbone=backbone, weights=weights)
         rows[name] = row
         notes += report_notes(name, finetune, str(reports_dir / "finetune" / backbone / "metrics.json"))
+    quarantine = reports_dir / "prepare" / "quarantine.json"  # prepare's list of files that are not usable images
+    if quarantine.is_file():
+        n_bad = read_stage_report(quarantine, "prepare", ("n_bad",))["n_bad"]
+        if n_bad:
+            notes.append(f"Quarantined images: {n_bad} (see {quarantine})")
     return rows, notes
 
 
@@ -493,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                                    baseline_rows=list(baseline["rows"]) if baseline else None,
                                    no_baseline_reason=why, rev=args.baseline_rev, notes=notes)
         write_summary(args.out, summary, markdown)
-    except (ReportError, ParamError) as exc:
+    except (ReportError, ParamError, OSError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1
     logger.info("%d rows; best %s (%s = %s); %d changed metrics vs %s; wrote %s", len(rows),

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_network=params.allow_network, timeout_s=params.timeout_s, retries=params.retries)
         inspection = inspect_weights(backbone, fetched.path)
         write_json(args.report, weights_report(backbone, fetched, inspection))
-    except (ParamError, WeightsError, DownloadError) as exc:
+    except (ParamError, WeightsError, DownloadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyError as exc:  # unknown backbone
