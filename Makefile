@@ -26,7 +26,8 @@ dvc-init: install
 
 run: dvc-init
 	dvc repro
-	dvc metrics show
+	@echo; sed -n '1,/^## /p' summary/summary.md | grep -v '^## '
+	@echo "Full metrics: dvc metrics show (after: source $(VENV)/bin/activate); reports/ and summary/summary.md"
 
 # Fine-tune BACKBONE (one of params.yaml `backbones`; several: BACKBONE=a,b) as a DVC experiment: sets
 # params.yaml `finetune.backbones: [$(BACKBONE)]` and runs what changed (needs a git commit, as `dvc exp` does).
