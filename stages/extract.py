@@ -19,11 +19,17 @@
   reuses those rows and continues with the same batches, so the final file is byte-identical to an
   uninterrupted run. The final file is written in manifest order, `track_times=False`, and renamed into
   place atomically; the work file is then removed.
+- Trusted reuse: the previous output is reused only when its sha256 equals `features_sha256` in the previous
+  report (`--report`, kept by `persist: true`); an edited, unreported or unreadable file is recomputed.
+- One writer per output: an exclusive advisory lock (`.<out name>.lock` beside the output, holding the PID)
+  is held for the whole run; a second extract on the same output fails at once, naming the holder.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -462,6 +468,46 @@ def work_path_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.work")
 
 
+def lock_path_for(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking flock on `.<out name>.lock` (beside `out`) for the block.
+
+    A second holder (another extract on the same output, e.g. one left running after DVC's own lock was
+    removed) makes this raise ExtractError at once, naming the holder's PID. The lock file holds this
+    process's PID and is removed (while still locked) on exit; one left by a kill is harmless, since the
+    kernel releases the lock with the process.
+    """
+    path = lock_path_for(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ExtractError(f"another extract is writing {out} (pid {holder}); wait for it or kill it "
+                               f"(lock file {path})") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and flock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking, so that a waiter sees a changed inode and retries
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------ data loading
 class EvalImages(torch.utils.data.Dataset):
     """The manifest's images through the project's one eval preprocessing (stages.images.eval_dataset),
@@ -756,9 +802,39 @@ class Reusable:
     pools: dict[str, tuple[RowPool, dict[str, int]]]  # per precision: (pool, {"features": n, "work_file": n})
 
 
-def read_reusable(out: Path, keys: dict[str, dict[str, Any]], shas: set[str]) -> Reusable:
-    """The reusable rows for each candidate precision's provenance key `keys[precision]`."""
-    previous = read_features_rows(out)
+def previous_output_trusted(out: Path, report: Path) -> bool:
+    """Whether the previous output `out` is the file the previous run wrote: its sha256 equals the
+    `features_sha256` recorded in that run's report. A warning says why when it is not."""
+    try:
+        recorded = read_json(report).get("features_sha256")
+    except FileNotFoundError:
+        logger.warning("not reusing %s: no previous report %s records its sha256; recomputing its rows", out, report)
+        return False
+    except (OSError, ValueError, AttributeError) as exc:
+        logger.warning("not reusing %s: previous report %s is unreadable (%s: %s); recomputing its rows",
+                       out, report, type(exc).__name__, exc)
+        return False
+    if not recorded:
+        logger.warning("not reusing %s: previous report %s has no features_sha256; recomputing its rows", out, report)
+        return False
+    actual = sha256_file(out)
+    if actual != recorded:
+        logger.warning("not reusing %s: its sha256 is %s but %s records %s (the file was changed after it was "
+                       "written); recomputing its rows", out, actual, report, recorded)
+        return False
+    return True
+
+
+def read_reusable(out: Path, keys: dict[str, dict[str, Any]], shas: set[str], *,
+                  report: Path | None = None) -> Reusable:
+    """The reusable rows for each candidate precision's provenance key `keys[precision]`.
+
+    `report`: the previous run's extract.json; the previous output is reused only when it matches the
+    sha256 recorded there (previous_output_trusted). None: the caller vouches for `out` (not checked).
+    The work file's records carry their own checksums.
+    """
+    trusted = not out.exists() or report is None or previous_output_trusted(out, report)
+    previous = read_features_rows(out) if trusted else None
     work = WorkLog(work_path_for(out))
     header, chunks = work.read()
     if header is not None and (header.get("format_version") != FORMAT_VERSION or
@@ -793,20 +869,33 @@ def row_counts(inputs: StageInputs, *, pool: RowPool, computed: int, reused_from
 
 
 def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out: Path,
-            params: ExtractParams, normalization: str = "backbone",
+            params: ExtractParams, normalization: str = "backbone", report: Path | None = None,
             on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the whole stage: write `out` (and remove its work file); return the extract.json report.
 
+    Holds `output_lock(out)` throughout. `report`: the previous run's extract.json, whose features_sha256
+    the previous output must match to be reused (see read_reusable; None: not checked).
     `extract.engine: ray` hands the same job to stages.extract_ray (same rows, file and report keys).
 
     `on_batch(k)` is called after the k-th computed batch is durably in the work file (tests use it to
     simulate a crash).
     """
-    if params.engine == "ray":
-        from stages.extract_ray import extract_ray  # Ray is an optional extra: imported only when asked for
+    with output_lock(out):
+        if params.engine == "ray":
+            from stages.extract_ray import extract_ray  # Ray is an optional extra: imported only when asked for
 
-        return extract_ray(backbone=backbone, weights=weights, raw=raw, manifest=manifest, out=out,
-                           params=params, normalization=normalization, on_batch=on_batch)
+            return extract_ray(backbone=backbone, weights=weights, raw=raw, manifest=manifest, out=out,
+                               params=params, normalization=normalization, previous_report=report,
+                               on_batch=on_batch)
+        return _extract_local(backbone=backbone, weights=weights, raw=raw, manifest=manifest, out=out,
+                              params=params, normalization=normalization, previous_report=report,
+                              on_batch=on_batch)
+
+
+def _extract_local(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out: Path,
+                   params: ExtractParams, normalization: str, previous_report: Path | None,
+                   on_batch: Callable[[int], None] | None) -> dict[str, Any]:
+    """extract() on this machine (the caller holds the output lock)."""
     stage_start = time.perf_counter()
     inputs = read_inputs(backbone=backbone, weights=weights, manifest=manifest, params=params,
                          normalization=normalization)
@@ -827,7 +916,7 @@ def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out
     keys = {c.precision: provenance_key(backbone=backbone.name, weights_sha256=weights_sha256,
                                         preprocess=preprocess, layers=layers, precision=c.precision,
                                         params=params) for c in candidates}
-    reusable = read_reusable(out, keys, shas)
+    reusable = read_reusable(out, keys, shas, report=previous_report)
     previous, work, header, pools = reusable.previous, reusable.work, reusable.header, reusable.pools
     to_compute = {p: len(unique) - len(pool) for p, (pool, _) in pools.items()}
 
@@ -968,7 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         backbone = get_backbone(args.backbone, params.weights.custom)
         report = extract(backbone=backbone, weights=args.weights, raw=args.raw, manifest=args.manifest,
-                         out=args.out, params=params.extract, normalization=params.prepare.normalization)
+                         out=args.out, params=params.extract, normalization=params.prepare.normalization,
+                         report=args.report)
     except (ExtractError, ParamError, KeyError, ValueError, OSError) as exc:
         print(f"extract: error: {exc}", file=sys.stderr)
         return 1

@@ -252,12 +252,14 @@ def compute_batches(ray: Any, items: list[dict[str, Any]], *, raw: Path, preproc
 
 
 def extract_ray(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out: Path, params: ExtractParams,
-                normalization: str = "backbone", on_batch: Callable[[int], None] | None = None,
+                normalization: str = "backbone", previous_report: Path | None = None,
+                on_batch: Callable[[int], None] | None = None,
                 crash_flag: Path | None = None) -> dict[str, Any]:
     """The extract stage on Ray: write `out` (as stages.extract.extract does) and return the extract.json report.
 
-    `on_batch(k)`: called after the k-th computed batch is durably in the work file; `crash_flag`: see
-    FeatureActor (both for tests).
+    `previous_report`: the previous extract.json, whose features_sha256 the previous output must match to be
+    reused (as in the local engine). `on_batch(k)`: called after the k-th computed batch is durably in the
+    work file; `crash_flag`: see FeatureActor (both for tests).
     """
     stage_start = time.perf_counter()
     ray = import_ray()
@@ -269,7 +271,7 @@ def extract_ray(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path,
         keys = {p: provenance_key(backbone=backbone.name, weights_sha256=inputs.weights_sha256,
                                   preprocess=inputs.preprocess, layers=inputs.layers, precision=p, params=params)
                 for p in precisions}
-        reusable = read_reusable(out, keys, inputs.shas)
+        reusable = read_reusable(out, keys, inputs.shas, report=previous_report)
         precision = min(precisions, key=lambda p: len(inputs.unique) - len(reusable.pools[p][0]))
         pool, reused_from = reusable.pools[precision]
         path = ComputePath(plan.device, precision, True)

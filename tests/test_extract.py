@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from stages import extract as ex
 from stages.backbones import (IMAGENET_MEAN, IMAGENET_STD, REGISTRY, Backbone, Preprocess, WeightsSource,
                               build_feature_model, build_model, get_backbone)
 from stages.images import MANIFEST_FIELDS, eval_dataset
+from stages.io import write_json
 from stages.params import ExtractParams, ParamError, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,15 +102,17 @@ def project(tmp_path: Path) -> dict:
             "backbone": tiny_backbone(weights), "out": tmp_path / "features" / "tiny.h5"}
 
 
-def run(project: dict, out: Path | None = None, *, pin: bool = True, on_batch=None, **params) -> dict:
+def run(project: dict, out: Path | None = None, *, pin: bool = True, on_batch=None, report: Path | None = None,
+        **params) -> dict:
     """Run the stage on `project`. `pin`: a single candidate path (contiguous, the given precision), so
-    that runs are deterministic and skip the measurement; pin=False measures the real candidates."""
+    that runs are deterministic and skip the measurement; pin=False measures the real candidates.
+    `report`: the previous extract.json that the previous output is checked against (None: unchecked)."""
     normalization = params.pop("normalization", "backbone")
     settings = {"batch_size": 4, "num_workers": 0, "precision": "float32", "compile": "off", **params}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     with mock.patch.object(ex, "candidate_paths", pinned_paths if pin else ex.candidate_paths):
         return ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
-                          manifest=project["manifest"], out=out or project["out"], on_batch=on_batch,
+                          manifest=project["manifest"], out=out or project["out"], on_batch=on_batch, report=report,
                           params=ExtractParams(**settings), normalization=normalization)
 
 
@@ -290,6 +294,56 @@ t.run(project, num_workers=1, on_batch=lambda k: k == 2 and os.kill(os.getpid(),
     report = run(project, num_workers=1)
     assert (report["computed"], report["reused_from"]["work_file"]) == (4, 8)
     assert project["out"].read_bytes() == reference.read_bytes()
+
+
+def test_edited_previous_output_is_not_reused(project: dict, tmp_path: Path, caplog) -> None:
+    """persist: true keeps features/<bb>.h5: its rows are reused only if it is the file the last report hashed."""
+    reference, report_path = tmp_path / "reference.h5", project["root"] / "reports" / "tiny" / "extract.json"
+    run(project, out=reference)
+    write_json(report_path, run(project, report=report_path))
+    assert project["out"].read_bytes() == reference.read_bytes()
+    again = run(project, report=report_path)  # untouched: reused
+    assert (again["computed"], again["reused_from"]) == (0, {"features": 12, "work_file": 0})
+    write_json(report_path, again)
+    with h5py.File(project["out"], "r+") as h5:  # edit values in place, attributes kept
+        h5["features/pool"][:3] = h5["features/pool"][:3] + 1.0
+        attrs = dict(h5.attrs)
+    _, kept = read_h5(project["out"])
+    assert kept.keys() == attrs.keys() and project["out"].read_bytes() != reference.read_bytes()
+    caplog.clear()
+    report = run(project, report=report_path)
+    assert (report["computed"], report["reused_from"]) == (12, {"features": 0, "work_file": 0})
+    assert project["out"].read_bytes() == reference.read_bytes()
+    assert f"not reusing {project['out']}: its sha256 is " in caplog.text
+    assert "(the file was changed after it was written)" in caplog.text
+    # No previous report (or none naming the file's sha256): the file is not trusted either.
+    report_path.unlink()
+    caplog.clear()
+    report = run(project, report=report_path)
+    assert (report["computed"], report["reused_from"]["features"]) == (12, 0)
+    assert f"no previous report {report_path} records its sha256" in caplog.text
+    report_path.write_text(json.dumps({"backbone": "tiny"}))
+    assert run(project, report=report_path)["reused_from"]["features"] == 0
+    assert project["out"].read_bytes() == reference.read_bytes()
+
+
+def test_second_extract_on_the_same_output_fails_at_once(project: dict) -> None:
+    """Two extracts on one output (DVC's lock gone, its child still running) would both append to the work file."""
+    lock = ex.lock_path_for(project["out"])
+    assert lock.name == ".tiny.h5.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242\n")
+        holder.flush()
+        with pytest.raises(ex.ExtractError, match=rf"^another extract is writing {project['out']} \(pid 4242\); "
+                                                  r"wait for it or kill it"):
+            run(project)
+    assert not project["out"].exists() and not ex.work_path_for(project["out"]).exists()
+    run(project)  # the holder is gone (and its lock file left behind is harmless)
+    assert project["out"].exists() and not lock.exists()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "features/.tiny.h5.lock"], cwd=REPO)
+    assert ignored.returncode == 0
 
 
 def test_work_file_with_other_settings_is_not_reused(project: dict) -> None:
