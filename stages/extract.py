@@ -52,6 +52,7 @@ from torch import nn
 from stages.backbones import Backbone, Preprocess, build_feature_model, get_backbone, module_version
 from stages.images import ImageDecodeError, ManifestRow, eval_dataset, read_manifest
 from stages.io import atomic_path, progress, read_json, setup_logging, sha256_file, write_json
+from stages.hardware import DTYPES, NATIVE_FLAGS, read_cpu_capability
 from stages.params import ExtractParams, ParamError, load_params
 
 logger = logging.getLogger(__name__)
@@ -61,53 +62,11 @@ WORK_MAGIC = b"EXTRACT-WORK\x00\x01\n"
 COMPILE_TRIAL_MIN_S = 60.0  # auto: try torch.compile only when the remaining work is estimated longer
 PROBE_IMAGES = 8  # images per warm-up and probe run of each candidate, and per thread-count run
 CHUNK_BYTES = 1 << 20  # HDF5 chunk size target for feature rows
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NATIVE_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16", "bf16"),  # x86 / aarch64 (/proc/cpuinfo)
-                "float16": ("avx512_fp16", "amx_fp16", "fphp")}
+
 
 
 class ExtractError(RuntimeError):
     """Inputs to the extract stage are missing or inconsistent; the message says which and how to fix it."""
-
-
-# ------------------------------------------------------------------------------------ capability
-def read_cpu_capability() -> dict[str, Any]:
-    """What this CPU can do natively: ISA flags from /proc/cpuinfo (what `lscpu` shows) plus torch's view.
-
-    Returns {"model", "cores", "torch_capability", "avx2", "avx512", "avx512_bf16", "amx_bf16",
-    "avx512_fp16", "amx_fp16", "native_bfloat16", "native_float16"}.
-    """
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("flags", "features") and not flags:
-                flags = set(value.split())
-            elif key in ("model name", "cpu model") and value.strip():
-                model = value.strip()
-    except OSError:
-        pass
-    capability = torch.backends.cpu.get_cpu_capability()
-    return {
-        "model": model,
-        "cores": available_cores(),
-        "torch_capability": capability,
-        "avx2": "avx2" in flags or capability in ("AVX2", "AVX512"),
-        "avx512": "avx512f" in flags or capability == "AVX512",
-        **{flag: flag in flags for flag in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")},
-        "native_bfloat16": any(f in flags for f in NATIVE_FLAGS["bfloat16"]),
-        "native_float16": any(f in flags for f in NATIVE_FLAGS["float16"]),
-    }
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (respects taskset/cgroups affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def auto_num_workers(device: str, cores: int) -> int:

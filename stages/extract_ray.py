@@ -49,8 +49,9 @@ import torch
 
 from stages.backbones import Backbone, Preprocess, WeightsError, build_feature_model
 from stages.extract import (FORMAT_VERSION, ComputePath, EvalImages, ExtractError, RowPool, StageInputs, WorkLog,
-                            _canonical, available_cores, fix_cuda_algorithms, forward_features, provenance_key,
+                            _canonical, fix_cuda_algorithms, forward_features, provenance_key,
                             read_inputs, read_reusable, row_counts, set_memory_format, to_storage, write_output)
+from stages.hardware import available_cores
 from stages.images import ImageDecodeError, ManifestRow
 from stages.io import progress, sha256_bytes, sha256_file
 from stages.params import ExtractParams, ParamError

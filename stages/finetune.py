@@ -63,7 +63,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from stages.backbones import (Backbone, Preprocess, WeightsError, build_model, classifier_path, get_backbone,
                               load_weights, module_version, replace_module)
-from stages.extract import DTYPES, ExtractError, available_cores, dataset_preprocess, read_cpu_capability
+from stages.extract import ExtractError, dataset_preprocess
+from stages.hardware import DTYPES, available_cores, read_cpu_capability
 from stages.head import build_export
 from stages.images import ImageDataset, ImageDecodeError, eval_dataset, read_manifest, train_transform
 from stages.io import atomic_path, progress, read_json, setup_logging, sha256_file, write_json

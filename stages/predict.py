@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from stages.backbones import Backbone, FeatureModel, Preprocess, WeightsSource, build_model
+from stages.hardware import DTYPES
 from stages.images import IMAGE_EXTENSIONS, ImageDecodeError, eval_dataset
 from stages.io import progress, setup_logging
 
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PREPROCESS_KEYS = ("input_size", "resize", "interpolation", "mean", "std")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportError(ValueError):

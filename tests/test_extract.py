@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from stages import extract as ex
+from stages import hardware
 from stages.backbones import (IMAGENET_MEAN, IMAGENET_STD, REGISTRY, Backbone, Preprocess, WeightsSource,
                               build_feature_model, build_model, get_backbone)
 from stages.images import MANIFEST_FIELDS, eval_dataset
@@ -81,7 +82,7 @@ def write_manifest(data: Path, entries: list[tuple[str, str]]) -> Path:
 @pytest.fixture(autouse=True)
 def one_core(monkeypatch) -> None:
     """Run the stage single-threaded: the tests' CPU is shared, where 2-thread OpenMP teams stall."""
-    monkeypatch.setattr(ex, "available_cores", lambda: 1)
+    monkeypatch.setattr(hardware, "available_cores", lambda: 1)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from stages import extract as ex
+from stages import hardware
 from stages import extract_ray
 from stages.params import ExtractParams, ParamError
 from test_extract import project, read_h5, save_image, write_manifest  # noqa: F401 - `project` is a fixture
@@ -45,7 +46,7 @@ def run(project: dict, out: Path, *, engine: str, on_batch=None, **params) -> di
     settings = {**SETTINGS, **params, "engine": engine}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     with mock.patch.object(ex, "candidate_paths", channels_last_fp32), \
-            mock.patch.object(ex, "available_cores", lambda: 1):
+            mock.patch.object(hardware, "available_cores", lambda: 1):
         return ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
                           manifest=project["manifest"], out=out, params=ExtractParams(**settings),
                           on_batch=on_batch)
@@ -81,7 +82,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_no_row(project: dict, ray_
     flag = tmp_path / "crash-once"
     flag.touch()
     params = ExtractParams(**SETTINGS, engine="ray")
-    with mock.patch.object(ex, "available_cores", lambda: 1):
+    with mock.patch.object(hardware, "available_cores", lambda: 1):
         report = extract_ray.extract_ray(backbone=project["backbone"], weights=project["weights"],
                                          raw=project["raw"], manifest=project["manifest"],
                                          out=tmp_path / "ray.h5", params=params, crash_flag=flag)

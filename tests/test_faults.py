@@ -42,6 +42,7 @@ import yaml
 
 from stages import data as data_stage
 from stages import extract as ex
+from stages import hardware
 from stages import head as head_stage
 from stages import predict as predict_stage
 from stages import prepare as prepare_stage
@@ -335,7 +336,7 @@ def pinned_reference(repo: Repo, path_name: str, threads: int, out: Path) -> Pat
     threads_before = torch.get_num_threads()
     try:
         with mock.patch.object(ex, "candidate_paths", lambda *a, **k: ([pinned], [])), \
-                mock.patch.object(ex, "available_cores", lambda: threads), \
+                mock.patch.object(hardware, "available_cores", lambda: threads), \
                 mock.patch.object(ex, "choose_threads", lambda *a, **k: (threads, {str(threads): 1.0})):
             ex.extract(backbone=get_backbone(LITE0), weights=repo.path(f"models/pretrained/{LITE0}.pth"),
                        raw=repo.path("data/raw"), manifest=repo.path("data/prepared/manifest.csv"), out=out,
@@ -466,7 +467,7 @@ def test_enospc_while_writing_features_fails_clearly_and_keeps_the_previous_file
         return real_write(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", full_disk)
-    monkeypatch.setattr(ex, "available_cores", lambda: 1)
+    monkeypatch.setattr(hardware, "available_cores", lambda: 1)
     monkeypatch.chdir(repo.root)
     threads = torch.get_num_threads()
     try:
