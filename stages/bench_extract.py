@@ -4,7 +4,8 @@
 
 For each backbone, on the same images (hymenoptera from the dataset mirror, or generated JPEGs when it
 is absent): images/s of plain eager fp32 and of the path `extract.device/precision/compile: auto` picks
-(stages.extract.select_path, the stage's own code), timed batch by batch interleaved so that load from
+(the precision by hardware capability, stages.extract.choose_precision; memory format, threads and compile by
+stages.extract.select_path: the stage's own code), timed batch by batch interleaved so that load from
 other processes hits both; achieved GFLOP/s (FLOPs counted with torch.utils.flop_counter) against a
 matmul ceiling measured in the same run in the chosen dtype; the decode-only rate (is decode or the model
 the bottleneck?); and the cost of the seeds' approach (decode + augment + frozen backbone in fp32 eager,
@@ -201,15 +202,15 @@ def bench_backbone(name: str, files: Sequence[Path], labels: Sequence[int], *, b
 
     device = ex.resolve_device("auto")
     cores = capability["cores"]
-    candidates, notes = ex.candidate_paths(device, "auto", capability)
+    precision, precision_reason = ex.choose_precision("auto", device=device, capability=ex.read_capability(device))
+    candidates = ex.candidate_paths(device, precision)
     auto_model = copy.deepcopy(model)
     torch.set_num_threads(cores)
     start = time.perf_counter()
     with torch.inference_mode():
         path, compiled, selection = ex.select_path(
-            auto_model, candidates, batches[:2], to_compute={p.precision: len(files) for p in candidates},
-            compile_mode=compile_mode, views=("none",), cores=cores if device == "cpu" else 1,
-            batch_size=batch_size)
+            auto_model, candidates, batches[:2], n_todo=len(files), compile_mode=compile_mode, views=("none",),
+            cores=cores if device == "cpu" else 1, batch_size=batch_size)
     selection_seconds = time.perf_counter() - start  # measuring the candidates (+ compiling)
     threads = torch.get_num_threads()
     auto_runner = compiled if compiled is not None else ex.set_memory_format(auto_model, path)
@@ -233,7 +234,7 @@ def bench_backbone(name: str, files: Sequence[Path], labels: Sequence[int], *, b
     achieved = flops * rates["auto"] / 1e9
     return {
         "backbone": name, "weights": weights_note, "path": path.name, "threads": threads,
-        "candidates_notes": notes,
+        "precision_reason": precision_reason, "candidates": [c.name for c in candidates],
         "selection": selection,
         "eager_fp32_images_per_second": rates["eager"], "auto_images_per_second": rates["auto"],
         "auto_over_eager": rates["auto"] / rates["eager"],
@@ -275,6 +276,7 @@ def format_table(results: Sequence[dict[str, Any]], *, capability: dict[str, Any
         ("weights", lambda r: r["weights"].split(" (")[0]),
         ("eager fp32 images/s", lambda r: fmt(r["eager_fp32_images_per_second"])),
         ("auto path", lambda r: r["path"]),
+        ("auto precision: why", lambda r: r["precision_reason"]),
         ("auto torch threads", lambda r: str(r["threads"])),
         ("auto images/s", lambda r: fmt(r["auto_images_per_second"])),
         ("auto / eager fp32", lambda r: fmt(r["auto_over_eager"], 2) + "x"),

@@ -4,13 +4,28 @@
  --weights models/pretrained/NAME.pth --out features/NAME.h5 --report reports/NAME/extract.json`
 
 - The model is in `eval()` and runs under `torch.inference_mode()`; every layer in `extract.layers` comes
-  from one forward pass (stages.backbones.FeatureModel). `extract.tta` views are averaged or kept as rows.
-- Compute path: CUDA with autocast, pinned memory and non_blocking copies when present; on CPU the fastest
-  of fp32 contiguous, fp32 channels_last and (only where the CPU has native bf16/fp16 instructions)
-  low-precision autocast, chosen by a short measurement on real images, then the torch thread count
-  (all cores, or half of them when the CPU is shared and that measures faster), then torch.compile where
-  the remaining work is long enough for it to pay. `extract.precision` / `extract.compile` force a choice.
+  from one forward pass (stages.backbones.FeatureModel). `mid` in extract.layers is the backbone's mid_layer
+  (its last stage before the final one), stored under its real name (e.g. `blocks.5`); attr `layer_aliases`
+  records {"mid": "blocks.5"}. `extract.tta` views are averaged or kept as rows.
+- Preprocessing: the backbone's, at `extract.input_size` when set (resize = input_size / 0.875, as the registry);
+  recorded in attr `preprocess`, which the head copies into the exported classifier (predict uses it).
+- Numerics never depend on a stopwatch. The autocast precision comes from `extract.precision` or, with `auto`,
+  from the hardware alone (choose_precision: CUDA -> its AMP dtype; CPU -> bf16 only with native bf16, else
+  float32), recorded with its reason in the report and attr `precision_reason`. Timing then chooses only
+  among numerics-neutral options at that precision: memory format (contiguous eager is the baseline; another
+  wins only when measured >10% faster), the torch thread count (all cores, or half of them when the CPU is
+  shared and that measures faster), and torch.compile where its compile time, charged against the images
+  left, pays. Eager fp32 is always measured (the baseline at fp32; otherwise the reference reported beside
+  the chosen path, with a feature comparison). CUDA runs with pinned memory and non_blocking copies.
   Decoding runs in DataLoader workers where spare cores exist (see auto_num_workers).
+- Augmented training views (`extract.augment_views: N`, off at 0): each TRAIN image also gets N views
+  (torchvision transforms.v2 RandomResizedCrop(input_size, scale=(0.35, 1.0)) + horizontal flip p=0.5, then the
+  same scaling and normalization), each drawn with the seed sha256(f"{image sha256}:{view}") (view_seed), so a
+  rerun, a resumed or an incremental run gives the same rows. They run through the backbone once each (no TTA)
+  and are stored apart from the main rows, whose layout is unchanged: `augmented/<layer>` [M, D],
+  `augmented_source` [M] int64 (the manifest index of each row's image; M = train rows x N, view 0 first)
+  and attr `augment` (JSON: views, scale, ratio, hflip, seed rule; {"views": 0} when off). They are reused,
+  resumed (`.<out name>.augmented.work`) and dropped like the main rows, keyed by image sha256.
 - Rows are content-addressed: keyed by the image's sha256 and the provenance that changes values
   (`provenance_key`). Rows already in the previous output or in the work file with the same key are
   reused; only new images run through the backbone; images no longer in the manifest drop out.
@@ -47,10 +62,12 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+import torchvision.transforms.v2 as T
 from torch import nn
 
-from stages.backbones import Backbone, Preprocess, build_feature_model, get_backbone, module_version
-from stages.images import ImageDecodeError, ManifestRow, eval_dataset, read_manifest
+from stages.backbones import (Backbone, Preprocess, build_feature_model, get_backbone, input_size_for, module_version,
+                              resolve_layers, with_input_size)
+from stages.images import ImageDecodeError, ManifestRow, eval_dataset, load_rgb, read_manifest
 from stages.io import atomic_path, progress, read_json, setup_logging, sha256_file, write_json
 from stages.hardware import DTYPES, NATIVE_FLAGS, read_cpu_capability
 from stages.params import ExtractParams, ParamError, load_params
@@ -62,6 +79,7 @@ WORK_MAGIC = b"EXTRACT-WORK\x00\x01\n"
 COMPILE_TRIAL_MIN_S = 60.0  # auto: try torch.compile only when the remaining work is estimated longer
 PROBE_IMAGES = 8  # images per warm-up and probe run of each candidate, and per thread-count run
 CHUNK_BYTES = 1 << 20  # HDF5 chunk size target for feature rows
+AUGMENT_SCALE = (0.35, 1.0)  # RandomResizedCrop area fraction of the augmented training views
 
 
 
@@ -118,34 +136,46 @@ def fix_cuda_algorithms() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def candidate_paths(device: str, precision: str, capability: dict[str, Any]) -> tuple[list[ComputePath], list[str]]:
-    """Eager (uncompiled) paths worth measuring, and notes on what was left out and why.
-
-    CPU, `precision: auto`: fp32 channels_last and contiguous, plus bf16/fp16 autocast only where the CPU
-    has those instructions natively (emulated bf16 GEMM is many times slower than fp32). CUDA: fp32 and
-    AMP (bf16 where supported, else fp16), channels_last. A forced precision is used as given.
-    The order is the preference order for near-ties (see choose_path).
-    """
-    notes: list[str] = []
+def read_capability(device: str) -> dict[str, Any]:
+    """What decides `precision: auto`: the CPU's instruction sets (stages.hardware) and, on CUDA, bf16 support."""
+    capability = read_cpu_capability()
     if device == "cuda":
-        amp = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        precisions = ["float32", amp] if precision == "auto" else [precision]
-        return [ComputePath("cuda", p, True) for p in precisions], notes
-    if precision == "auto":
-        precisions = ["float32"]
-        for low in ("bfloat16", "float16"):
-            if capability[f"native_{low}"]:
-                precisions.append(low)
-            else:
-                notes.append(f"{low} left out: the CPU has none of {', '.join(NATIVE_FLAGS[low])}")
-    else:
-        precisions = [precision]
-        if precision != "float32" and not capability[f"native_{precision}"]:
-            notes.append(f"{precision} forced by extract.precision although the CPU has no native "
-                         f"{precision} instructions: expect it to be slower than float32")
-            logger.warning(notes[-1])
-    paths = [ComputePath("cpu", p, cl) for p in precisions for cl in (True, False)]
-    return paths, notes
+        capability["cuda_bf16"] = bool(torch.cuda.is_bf16_supported())
+    return capability
+
+
+def choose_precision(requested: str, *, device: str, capability: dict[str, Any]) -> tuple[str, str]:
+    """The autocast precision and why: from `extract.precision` or the hardware alone, never from a timing,
+    so the same params on the same machine always store the same dtype.
+
+    auto: CUDA -> its AMP dtype (bf16 where supported, else fp16); CPU -> bf16 only where the CPU has native
+    bf16 instructions (emulated bf16 is many times slower than fp32), else float32. Returns (precision,
+    reason), e.g. ("bfloat16", "capability: avx512_bf16") or ("float32", "no native bf16: float32").
+    """
+    if requested != "auto":
+        reason = f"params: extract.precision {requested}"
+        if device == "cpu" and requested != "float32" and not capability[f"native_{requested}"]:
+            reason += (f" (the CPU has none of {', '.join(NATIVE_FLAGS[requested])}: expect it to be slower "
+                       f"than float32)")
+            logger.warning(reason)
+        return requested, reason
+    if device == "cuda":
+        if capability["cuda_bf16"]:
+            return "bfloat16", "capability: cuda bf16 autocast"
+        return "float16", "capability: cuda without bf16: float16 autocast"
+    if capability["native_bfloat16"]:
+        flag = next((f for f in NATIVE_FLAGS["bfloat16"] if capability.get(f)), NATIVE_FLAGS["bfloat16"][-1])
+        return "bfloat16", f"capability: {flag}"
+    return "float32", "no native bf16: float32"
+
+
+def candidate_paths(device: str, precision: str) -> list[ComputePath]:
+    """The eager paths worth measuring at `precision`: only numerics-neutral options (memory format) vary.
+
+    The first, contiguous, is the baseline: another path is used only when it measures clearly faster
+    (choose_path). torch threads and torch.compile are chosen afterwards, also at this precision.
+    """
+    return [ComputePath(device, precision, False), ComputePath(device, precision, True)]
 
 
 def set_memory_format(model: nn.Module, path: ComputePath) -> nn.Module:
@@ -226,19 +256,16 @@ def measure_paths(model: nn.Module, batches: Sequence[torch.Tensor], candidates:
     return stats, outputs
 
 
-def choose_path(candidates: Sequence[ComputePath], rates: dict[str, float], *, to_compute: dict[str, int],
-                margin: float = 0.1) -> ComputePath:
-    """The candidate with the least estimated time `to_compute[precision] / images_per_second`.
-
-    `to_compute[precision]` is the number of images that would run through the backbone with that
-    precision: only the new ones when reusable rows of that precision exist, all of them otherwise.
-    Candidates within `margin` of the best estimate count as equal and the earliest in `candidates`
-    (the preference order of candidate_paths: float32 first, channels_last first) wins, so a lower
-    precision is used only when it is clearly faster and measurement noise rarely flips the choice.
-    """
-    estimates = {p.name: to_compute[p.precision] / rates[p.name] for p in candidates}
-    best = min(estimates.values())
-    return next(p for p in candidates if estimates[p.name] <= best * (1 + margin))
+def choose_path(candidates: Sequence[ComputePath], rates: dict[str, float], *, margin: float = 0.1) -> ComputePath:
+    """The fastest of `candidates` (one precision: numerics-neutral options only) when it measures more than
+    `margin` faster than the baseline `candidates[0]`, else the baseline, so a path is never chosen that
+    measured slower than the baseline and measurement noise rarely flips the choice. `rates`: images/s."""
+    if {c.precision for c in candidates} != {candidates[0].precision}:
+        raise ValueError(f"candidates differ in precision: {[c.name for c in candidates]}; timing may only "
+                         f"choose among numerics-neutral options")
+    baseline = candidates[0]
+    fastest = max(candidates, key=lambda c: rates[c.name])
+    return fastest if rates[fastest.name] > rates[baseline.name] * (1 + margin) else baseline
 
 
 def compare_features(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -290,6 +317,23 @@ def provenance_key(*, backbone: str, weights_sha256: str, preprocess: Preprocess
             "tta": list(params.tta), "tta_mode": params.tta_mode}
 
 
+def augment_spec(views: int) -> dict[str, Any]:
+    """What the augmented training views are (attr `augment` of the features file, and part of their rows'
+    provenance): `views` per train image, RandomResizedCrop scale/ratio, flip probability, the seed rule."""
+    if views == 0:
+        return {"views": 0}
+    return {"views": views, "scale": list(AUGMENT_SCALE), "ratio": [3 / 4, 4 / 3], "hflip": 0.5,
+            "seed": "torch.manual_seed(int.from_bytes(sha256(f'{image sha256}:{view}').digest()[:8], 'little'))",
+            "transforms": f"torchvision {module_version('torchvision')} transforms.v2: RandomResizedCrop(input_size, "
+                          f"scale, ratio, preprocess.interpolation, antialias=True), RandomHorizontalFlip(0.5), "
+                          f"scale to [0, 1], Normalize(mean, std)"}
+
+
+def augmented_key(key: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of augmented rows: the main rows' key plus the augment spec."""
+    return {**key, "augment": spec}
+
+
 def stored_views(key: dict[str, Any]) -> int:
     """Rows stored per image: one per TTA view in "rows" mode, else one."""
     return len(key["tta"]) if key["tta_mode"] == "rows" else 1
@@ -319,9 +363,10 @@ class RowPool:
         return len(self.rows)
 
 
-def read_features_rows(path: Path) -> RowPool | None:
-    """The rows of a previous features file, keyed by its provenance attributes; None when absent or
-    unreadable (a warning says why: the file is then simply not reused)."""
+def read_features_rows(path: Path) -> tuple[RowPool, RowPool | None] | None:
+    """The rows of a previous features file, keyed by its provenance attributes: (main rows, augmented rows or
+    None when it has none); None when absent or unreadable (a warning says why: the file is then simply not
+    reused)."""
     if not path.exists():
         return None
     try:
@@ -334,12 +379,20 @@ def read_features_rows(path: Path) -> RowPool | None:
             views = stored_views(key)
             sha256s = [s.decode() for s in h5["sha256"][::views]]
             features = {layer: h5[f"features/{layer}"][()] for layer in key["layers"]}
+            spec = json.loads(attrs.get("augment", '{"views": 0}'))
+            augmented = None
+            if spec["views"] and "augmented_source" in h5:
+                source = h5["augmented_source"][()][::spec["views"]]
+                augmented = RowPool(augmented_key(key, spec))
+                augmented.add([sha256s[i] for i in source],
+                              {layer: h5[f"augmented/{layer}"][()].reshape(len(source), spec["views"], -1)
+                               for layer in key["layers"]})
     except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not reused
         logger.warning("not reusing %s: %s: %s", path, type(exc).__name__, exc)
         return None
     pool = RowPool(key)
     pool.add(sha256s, {layer: values.reshape(len(sha256s), views, -1) for layer, values in features.items()})
-    return pool
+    return pool, augmented
 
 
 class WorkLog:
@@ -423,8 +476,9 @@ class WorkLog:
         self.path.unlink(missing_ok=True)
 
 
-def work_path_for(out: Path) -> Path:
-    return out.with_name(f".{out.name}.work")
+def work_path_for(out: Path, *, augmented: bool = False) -> Path:
+    """The work file of the main rows (`.<name>.work`) or of the augmented rows (`.<name>.augmented.work`)."""
+    return out.with_name(f".{out.name}{'.augmented' if augmented else ''}.work")
 
 
 def lock_path_for(out: Path) -> Path:
@@ -479,7 +533,8 @@ class EvalImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def check(self, index: int) -> None:
+        """Raise ExtractError unless the file's bytes still have the manifest's sha256."""
         row = self.rows[index]
         path = self.raw / row.path
         try:
@@ -489,11 +544,55 @@ class EvalImages(torch.utils.data.Dataset):
         if actual != row.sha256:
             raise ExtractError(f"{path} changed since prepare: manifest sha256 {row.sha256}, file {actual}; "
                                f"re-run `dvc repro prepare`.")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.check(index)
+        path = self.raw / self.rows[index].path
         try:
             image, _, _ = self.images[index]
         except ImageDecodeError as exc:
             raise ExtractError(f"{path}: {exc}") from None
         return image, index
+
+
+def view_seed(sha256: str, view: int) -> int:
+    """The RNG seed of augmented view `view` of the image with content `sha256`: the same on every run."""
+    return int.from_bytes(hashlib.sha256(f"{sha256}:{view}".encode()).digest()[:8], "little")
+
+
+def augment_transform(preprocess: Preprocess) -> T.Compose:
+    """One augmented training view: PIL RGB -> float32 [3, input_size, input_size] (see augment_spec)."""
+    return T.Compose([
+        T.ToImage(),
+        T.RandomResizedCrop(preprocess.input_size, scale=AUGMENT_SCALE, ratio=(3 / 4, 4 / 3),
+                            interpolation=T.InterpolationMode(preprocess.interpolation), antialias=True),
+        T.RandomHorizontalFlip(0.5),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(list(preprocess.mean), list(preprocess.std)),
+    ])
+
+
+class AugmentedImages(EvalImages):
+    """`views` augmented views of each image, each drawn with its own seed (view_seed), so a view is the same
+    whichever run, batch or worker computes it. Items: (views [A, 3, H, W], index)."""
+
+    def __init__(self, raw: Path, rows: Sequence[ManifestRow], preprocess: Preprocess, *, views: int) -> None:
+        super().__init__(raw, rows, preprocess)
+        self.views, self.transform = views, augment_transform(preprocess)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[index]
+        self.check(index)
+        try:
+            image, _ = load_rgb(self.raw / row.path)  # full resolution: a crop may cover a third of the image
+        except ImageDecodeError as exc:
+            raise ExtractError(f"{self.raw / row.path}: {exc}") from None
+        views = []
+        for view in range(self.views):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(row.sha256, view))
+                views.append(self.transform(image))
+        return torch.stack(views), index
 
 
 def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int,
@@ -506,12 +605,20 @@ def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, num_worke
 
 
 def extract_features(model: Callable, loader: torch.utils.data.DataLoader, *, path: ComputePath,
-                     views: Sequence[str]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                     views: Sequence[str], pad_to: int | None = None
+                     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Yield (dataset indices [B], {layer: float32 features [B, V, D]}) per batch, in order.
-    The caller holds torch.inference_mode() and has put the model in eval mode."""
-    pad_to = loader.batch_size if path.compile else None
+
+    Items of AugmentedImages ([B, A, 3, H, W]) run as B*A images of one forward pass each: V = A.
+    `pad_to`: see forward_features (a compiled model). The caller holds torch.inference_mode() and has put
+    the model in eval mode."""
     for images, indices in loader:
-        yield indices.numpy(), forward_features(model, images, path=path, views=views, pad_to=pad_to)
+        if images.ndim == 5:
+            b, a = images.shape[:2]
+            out = forward_features(model, images.flatten(0, 1), path=path, views=("none",), pad_to=pad_to)
+            yield indices.numpy(), {layer: values.reshape(b, a, -1) for layer, values in out.items()}
+        else:
+            yield indices.numpy(), forward_features(model, images, path=path, views=views, pad_to=pad_to)
 
 
 def to_storage(features: dict[str, np.ndarray], layers: Sequence[str], *, tta_mode: str,
@@ -527,9 +634,11 @@ def to_storage(features: dict[str, np.ndarray], layers: Sequence[str], *, tta_mo
 
 
 # ------------------------------------------------------------------------------------ output
-def write_features(out: Path, *, rows: Sequence[ManifestRow], pool: RowPool, attrs: dict[str, Any]) -> None:
+def write_features(out: Path, *, rows: Sequence[ManifestRow], pool: RowPool, attrs: dict[str, Any],
+                   augmented: RowPool | None = None) -> None:
     """Write features/<backbone>.h5 in manifest order, atomically, with `track_times=False` everywhere
-    so that the same rows and attributes give the same bytes. Rows per image: V' (see stored_views)."""
+    so that the same rows and attributes give the same bytes. Rows per image: V' (see stored_views).
+    `augmented`: the train images' augmented views, written as augmented/<layer> and augmented_source."""
     key = pool.key
     views = stored_views(key)
     n_rows = len(rows) * views
@@ -554,6 +663,8 @@ def write_features(out: Path, *, rows: Sequence[ManifestRow], pool: RowPool, att
         for name, values in columns.items():
             dtype = h5py.string_dtype("utf-8") if name == "path" else values.dtype
             h5.create_dataset(name, data=values, dtype=dtype, track_times=False)
+        if augmented is not None:
+            _write_augmented(h5, rows=rows, pool=augmented)
         for name, value in attrs.items():
             h5.attrs[name] = value
         h5.flush()
@@ -562,8 +673,24 @@ def write_features(out: Path, *, rows: Sequence[ManifestRow], pool: RowPool, att
         tmp.write_bytes(image)
 
 
-def file_attributes(*, key: dict[str, Any], n_images: int, manifest_sha256: str,
-                    classes: Sequence[str]) -> dict[str, Any]:
+def _write_augmented(h5: h5py.File, *, rows: Sequence[ManifestRow], pool: RowPool) -> None:
+    """augmented/<layer> [M, D] and augmented_source [M] int64 (the manifest index of each row's image): the
+    `views` rows of each train image in manifest order, view 0 first."""
+    views = pool.key["augment"]["views"]
+    train = [i for i, r in enumerate(rows) if r.split == "train"]
+    h5.create_dataset("augmented_source", data=np.repeat(np.array(train, dtype=np.int64), views), track_times=False)
+    group = h5.create_group("augmented", track_order=False)
+    for layer in pool.key["layers"]:
+        width = h5[f"features/{layer}"].shape[1]
+        values = (np.stack([pool.rows[rows[i].sha256][layer] for i in train]).reshape(-1, width) if train
+                  else np.zeros((0, width), dtype=pool.key["storage_dtype"]))
+        chunk_rows = max(1, min(len(values), CHUNK_BYTES // max(1, width * values.itemsize)))
+        group.create_dataset(layer, data=values, chunks=(chunk_rows, width) if len(values) else None,
+                             track_times=False)
+
+
+def file_attributes(*, key: dict[str, Any], n_images: int, manifest_sha256: str, classes: Sequence[str],
+                    precision_reason: str, layer_aliases: dict[str, str], augment: dict[str, Any]) -> dict[str, Any]:
     """The provenance attributes of the features file (the contract in the project notes)."""
     versions = {name: module_version(name) for name in ("torch", "torchvision", "timm", "numpy", "h5py", "PIL")}
     versions["python"] = platform.python_version()
@@ -575,6 +702,9 @@ def file_attributes(*, key: dict[str, Any], n_images: int, manifest_sha256: str,
         "preprocess": json.dumps(key["preprocess"]),
         "storage_dtype": key["storage_dtype"],
         "precision": key["precision"],
+        "precision_reason": precision_reason,  # why that precision: params or hardware capability, never a timing
+        "layer_aliases": json.dumps(layer_aliases, sort_keys=True),  # e.g. {"mid": "blocks.5"}
+        "augment": json.dumps(augment, sort_keys=True),  # {"views": 0}: no augmented rows
         "n_images": n_images,
         "manifest_sha256": manifest_sha256,
         "classes": json.dumps(list(classes)),
@@ -609,43 +739,46 @@ def choose_threads(model: nn.Module, images: torch.Tensor, path: ComputePath, *,
 
 
 def select_path(model: nn.Module, candidates: Sequence[ComputePath], batches: Sequence[torch.Tensor], *,
-                to_compute: dict[str, int], compile_mode: str, views: Sequence[str], cores: int,
+                n_todo: float, compile_mode: str, views: Sequence[str], cores: int,
                 batch_size: int) -> tuple[ComputePath, Callable | None, dict[str, Any]]:
-    """Pick threads and the compute path by measurement on real `batches` (under torch.inference_mode()).
+    """Pick torch threads, the memory format and torch.compile by measurement on real `batches` (under
+    torch.inference_mode()). The precision is fixed beforehand (choose_precision): every candidate has it,
+    and no timing here can change it.
 
-    Candidates whose precision has nothing left to compute win outright (only they are measured, for
-    the report); otherwise every candidate is measured and `choose_path` weighs speed against the rows
-    each precision could reuse. A plain fp32 eager reference is measured too when a lower precision is in
-    play, and the chosen path's features are compared with it. The thread count is chosen first
-    (`choose_threads`, on the first candidate) and torch.compile is tried last (`try_compile`).
+    Plain eager fp32 (contiguous) is always measured: at float32 it is the baseline no choice may be slower
+    than; at a lower precision it is the reference the chosen path's features are compared with
+    (`precision_check`) and whose speed is reported beside the chosen one. `n_todo`: images left to compute
+    (in units of the measured batches); with none left the candidates are still measured, for the report.
+    The threads are chosen first (`choose_threads`, on the baseline) and torch.compile last (`try_compile`).
     Returns (path, compiled module or None, report section).
     """
-    finished = [c for c in candidates if to_compute[c.precision] == 0]
-    viable = finished or list(candidates)
     selection: dict[str, Any] = {"measurements": {}, "precision_check": None}
-    if cores > 1 and not finished:  # first, so that the candidates are compared at the threads they get
+    if cores > 1 and n_todo:  # first, so that the candidates are compared at the threads they get
         probe = batches[-1][:PROBE_IMAGES]
-        threads, thread_rates = choose_threads(model, probe, viable[0], cores=cores, views=views)
-        selection["threads"] = {"chosen": threads, "images_per_second": thread_rates, "path": viable[0].name,
+        threads, thread_rates = choose_threads(model, probe, candidates[0], cores=cores, views=views)
+        selection["threads"] = {"chosen": threads, "images_per_second": thread_rates, "path": candidates[0].name,
                                 "images": int(probe.shape[0])}
-    reference = ComputePath(viable[0].device, "float32", False)
-    measured = list(viable)
-    if reference not in measured and any(c.precision != "float32" for c in viable):
-        measured.append(reference)
-    if len(measured) == 1 and not finished:
-        path = viable[0]
+    reference = ComputePath(candidates[0].device, "float32", False)
+    measured = list(candidates) + ([reference] if reference not in candidates else [])
+    if len(measured) == 1 and n_todo:
+        path = candidates[0]
         selection["reason"] = "the only candidate"
     else:
         selection["measurements"], outputs = measure_paths(model, batches, measured, views=views)
         rates = {name: m["images_per_second"] for name, m in selection["measurements"].items()}
-        path = choose_path(viable, rates, to_compute=to_compute)
-        selection["reason"] = ("every row is reused at this precision; the first of the fastest" if finished
-                               else "least estimated time: images to compute / measured images per second")
-        if path.precision != "float32":
+        path = choose_path(candidates, rates)
+        selection["reason"] = (f"memory format by measurement at {path.precision}: {candidates[0].name} unless "
+                               f"another measures more than 10% faster")
+        if path != reference:
             selection["precision_check"] = compare_features(outputs[reference.name], outputs[path.name])
+        if rates[path.name] < rates[reference.name]:
+            selection["slower_than_eager_float32"] = (
+                f"{path.name} measured {rates[path.name]} images/s, eager float32 {rates[reference.name]}: "
+                f"the precision is not chosen by speed; set extract.precision: float32 to use it")
+            logger.warning(selection["slower_than_eager_float32"])
     rate = selection["measurements"].get(path.name, {}).get("images_per_second")
-    path, compiled, trial = try_compile(model, path, batches, mode=compile_mode, eager_rate=rate,
-                                        n_todo=to_compute[path.precision], views=views, batch_size=batch_size)
+    path, compiled, trial = try_compile(model, path, batches, mode=compile_mode, eager_rate=rate, n_todo=n_todo,
+                                        views=views, batch_size=batch_size)
     check = trial.pop("precision_check", None)
     if compiled is not None:
         selection["precision_check"] = check
@@ -654,11 +787,12 @@ def select_path(model: nn.Module, candidates: Sequence[ComputePath], batches: Se
 
 
 def try_compile(model: nn.Module, path: ComputePath, batches: Sequence[torch.Tensor], *, mode: str,
-                eager_rate: float | None, n_todo: int, views: Sequence[str], batch_size: int
+                eager_rate: float | None, n_todo: float, views: Sequence[str], batch_size: int
                 ) -> tuple[ComputePath, Callable | None, dict[str, Any]]:
-    """torch.compile the chosen path: always with `compile: on`; with `auto` only when the remaining work
-    (`n_todo` / `eager_rate`) is estimated to take longer than COMPILE_TRIAL_MIN_S; kept when it measures
-    >= 5% faster than eager on the same full batch.
+    """torch.compile the chosen path at its precision: always with `compile: on`; with `auto` tried only when
+    the remaining work (`n_todo` / `eager_rate`) is estimated longer than COMPILE_TRIAL_MIN_S, and kept only
+    when compiling plus the remaining images compiled is estimated faster than the remaining images eager
+    (the one-time compile cost is charged against the images left).
 
     Batches are zero-padded to `batch_size`, as in the extraction loop (one compiled shape). The trial's
     "precision_check" compares compiled features with plain eager fp32 (constant folding changes bits).
@@ -688,10 +822,12 @@ def try_compile(model: nn.Module, path: ComputePath, batches: Sequence[torch.Ten
     compile_seconds = time.perf_counter() - start
     compiled_seconds, _ = _timed_forward(compiled, batch, target, views, pad_to=batch_size)
     rate, eager = batch.shape[0] / compiled_seconds, batch.shape[0] / eager_seconds
+    estimates = {"eager": n_todo / eager, "compiled": compile_seconds + n_todo / rate}
     trial = {"tried": True, "compile_seconds": round(compile_seconds, 2), "images_per_second": round(rate, 2),
              "eager_images_per_second": round(eager, 2), "images": int(batch.shape[0]),
+             "estimated_seconds_left": {k: round(v, 2) for k, v in estimates.items()},
              "precision_check": compare_features(reference, first)}
-    trial["kept"] = mode == "on" or rate > 1.05 * eager
+    trial["kept"] = mode == "on" or estimates["compiled"] < estimates["eager"]
     return (target, compiled, trial) if trial["kept"] else (path, None, trial)
 
 
@@ -727,38 +863,64 @@ class StageInputs:
     rows: list[ManifestRow]  # the manifest, in its order
     unique: list[ManifestRow]  # the first row of each distinct image content (unique_by_sha)
     classes: list[str]
-    preprocess: Preprocess  # the backbone's, with the dataset mean/std under prepare.normalization: dataset
+    preprocess: Preprocess  # the backbone's at extract.input_size, with the dataset mean/std under normalization: dataset
     weights_sha256: str
-    layers: tuple[str, ...]
+    layers: tuple[str, ...]  # stored layer names, aliases resolved (resolve_layers)
+    layer_aliases: dict[str, str]  # {"mid": "blocks.5"} when that layer is stored
+    augment: dict[str, Any]  # augment_spec(extract.augment_views)
+    warnings: list[str]  # for the report
 
     @property
     def shas(self) -> set[str]:
         return {r.sha256 for r in self.unique}
 
+    @property
+    def train_unique(self) -> list[ManifestRow]:
+        """The distinct train images that get augmented views (none when extract.augment_views is 0)."""
+        return unique_by_sha([r for r in self.rows if r.split == "train"]) if self.augment["views"] else []
+
 
 def read_inputs(*, backbone: Backbone, weights: Path, manifest: Path, params: ExtractParams,
                 normalization: str) -> StageInputs:
-    """Read the manifest, classes.json beside it, the preprocessing and the weight file's sha256."""
+    """Read the manifest, classes.json beside it, the preprocessing and the weight file's sha256; resolve
+    extract.layers (`mid`) and extract.input_size for this backbone."""
     rows = read_manifest(manifest)
     if not rows:
         raise ExtractError(f"{manifest} lists no images; nothing to extract.")
     classes_path = manifest.parent / "classes.json"
     if not classes_path.exists():
         raise ExtractError(f"{classes_path} not found beside the manifest; run `dvc repro prepare`.")
-    preprocess = dataset_preprocess(backbone.preprocess, normalization, manifest.parent / "stats.json")
+    preprocess = with_input_size(dataset_preprocess(backbone.preprocess, normalization, manifest.parent / "stats.json"),
+                                 input_size_for(backbone.name, params.input_size))
     if not Path(weights).is_file():
         raise ExtractError(f"weight file {weights} not found; run `dvc repro weights@{backbone.name}` first.")
+    layers, aliases, warnings = resolve_layers(backbone, tuple(params.layers))
+    for warning in warnings:
+        logger.warning(warning)
+    if not layers:
+        raise ExtractError(f"extract.layers {list(params.layers)} names no layer of {backbone.name}; "
+                           f"available: {', '.join(backbone.all_layers)}")
     return StageInputs(rows=rows, unique=unique_by_sha(rows), classes=list(read_json(classes_path)),
-                       preprocess=preprocess, weights_sha256=sha256_file(weights), layers=tuple(params.layers))
+                       preprocess=preprocess, weights_sha256=sha256_file(weights), layers=layers,
+                       layer_aliases=aliases, augment=augment_spec(params.augment_views), warnings=warnings)
+
+
+@dataclass
+class RowSource:
+    """Rows of one kind (main, or augmented views) for one provenance key: those reusable, and the work file
+    that records the ones computed now."""
+    pool: RowPool
+    reused_from: dict[str, int]  # {"features": n, "work_file": n}
+    work: WorkLog
+    header: dict[str, Any] | None  # the work file's header, when it was written with this key
 
 
 @dataclass
 class Reusable:
-    """Rows computed earlier: the previous output (persist: true) and an interrupted run's work file."""
-    previous: RowPool | None
-    work: WorkLog
-    header: dict[str, Any] | None  # the work file's header, when it was written with one of the keys
-    pools: dict[str, tuple[RowPool, dict[str, int]]]  # per precision: (pool, {"features": n, "work_file": n})
+    """Rows computed earlier: the previous output (persist: true) and an interrupted run's work files."""
+    previous: RowPool | None  # the previous output's main rows (trusted ones only)
+    main: RowSource
+    augmented: RowSource | None  # None when extract.augment_views is 0
 
 
 def previous_output_trusted(out: Path, report: Path) -> bool:
@@ -784,60 +946,79 @@ def previous_output_trusted(out: Path, report: Path) -> bool:
     return True
 
 
-def read_reusable(out: Path, keys: dict[str, dict[str, Any]], shas: set[str], *,
-                  report: Path | None = None) -> Reusable:
-    """The reusable rows for each candidate precision's provenance key `keys[precision]`.
+def read_reusable(out: Path, key: dict[str, Any], shas: set[str], *, report: Path | None = None,
+                  augmented_key: dict[str, Any] | None = None, augmented_shas: set[str] = frozenset()) -> Reusable:
+    """The reusable rows for provenance `key` (images `shas`) and, with `augmented_key`, the augmented views of
+    the images `augmented_shas`.
 
     `report`: the previous run's extract.json; the previous output is reused only when it matches the
     sha256 recorded there (previous_output_trusted). None: the caller vouches for `out` (not checked).
-    The work file's records carry their own checksums.
+    The work files' records carry their own checksums.
     """
     trusted = not out.exists() or report is None or previous_output_trusted(out, report)
-    previous = read_features_rows(out) if trusted else None
-    work = WorkLog(work_path_for(out))
+    previous_main, previous_augmented = (read_features_rows(out) if trusted else None) or (None, None)
+    main = _row_source(WorkLog(work_path_for(out)), key, shas, previous_main)
+    augmented = (None if augmented_key is None else
+                 _row_source(WorkLog(work_path_for(out, augmented=True)), augmented_key, augmented_shas,
+                             previous_augmented))
+    return Reusable(previous=previous_main, main=main, augmented=augmented)
+
+
+def _row_source(work: WorkLog, key: dict[str, Any], shas: set[str], previous: RowPool | None) -> RowSource:
     header, chunks = work.read()
     if header is not None and (header.get("format_version") != FORMAT_VERSION or
-                               _canonical(header["key"]) not in {_canonical(k) for k in keys.values()}):
+                               _canonical(header["key"]) != _canonical(key)):
         logger.info("%s was written with other settings; not reusing it", work.path)
         header, chunks = None, []
-    pools = {p: gather_reusable(key, shas, previous=previous, work_header=header, work_chunks=chunks)
-             for p, key in keys.items()}
-    return Reusable(previous=previous, work=work, header=header, pools=pools)
+    pool, counts = gather_reusable(key, shas, previous=previous, work_header=header, work_chunks=chunks)
+    return RowSource(pool=pool, reused_from=counts, work=work, header=header)
 
 
-def write_output(out: Path, *, inputs: StageInputs, manifest: Path, pool: RowPool, work: WorkLog) -> None:
-    """Write the features file from `pool` (every image's row), then remove the work file."""
-    attrs = file_attributes(key=pool.key, n_images=len(inputs.rows), manifest_sha256=sha256_file(manifest),
-                            classes=inputs.classes)
-    write_features(out, rows=inputs.rows, pool=pool, attrs=attrs)
-    work.remove()
+def write_output(out: Path, *, inputs: StageInputs, manifest: Path, rows: Reusable, precision_reason: str) -> None:
+    """Write the features file from `rows` (every image's rows, and the augmented views), then remove the
+    work files."""
+    attrs = file_attributes(key=rows.main.pool.key, n_images=len(inputs.rows), manifest_sha256=sha256_file(manifest),
+                            classes=inputs.classes, precision_reason=precision_reason,
+                            layer_aliases=inputs.layer_aliases, augment=inputs.augment)
+    write_features(out, rows=inputs.rows, pool=rows.main.pool, attrs=attrs,
+                   augmented=rows.augmented.pool if rows.augmented is not None else None)
+    rows.main.work.remove()
+    WorkLog(work_path_for(out, augmented=True)).remove()
 
 
-def row_counts(inputs: StageInputs, *, pool: RowPool, computed: int, reused_from: dict[str, int],
-               previous: RowPool | None) -> dict[str, Any]:
-    """The report's row bookkeeping (both engines): rows written, computed, reused (and from where), dropped."""
-    return {
+def row_counts(inputs: StageInputs, rows: Reusable, *, computed: int, computed_augmented: int = 0) -> dict[str, Any]:
+    """The report's row bookkeeping (both engines): rows written, computed, reused (and from where), dropped;
+    `augmented` the same for the augmented views (counted in images; rows = images x views)."""
+    counts = {
         "n_images": len(inputs.rows),
-        "rows": len(inputs.rows) * stored_views(pool.key),
+        "rows": len(inputs.rows) * stored_views(rows.main.pool.key),
         "computed": computed,
         "reused": len(inputs.unique) - computed,
-        "reused_from": reused_from,
-        "dropped": len(previous.rows.keys() - inputs.shas) if previous is not None else 0,
+        "reused_from": rows.main.reused_from,
+        "dropped": len(rows.previous.rows.keys() - inputs.shas) if rows.previous is not None else 0,
         "duplicates": len(inputs.rows) - len(inputs.unique),
     }
+    views = inputs.augment["views"]
+    if rows.augmented is not None:
+        train_rows = sum(r.split == "train" for r in inputs.rows)
+        counts["augmented"] = {"views": views, "rows": train_rows * views, "images": len(inputs.train_unique),
+                               "computed": computed_augmented,
+                               "reused": len(inputs.train_unique) - computed_augmented,
+                               "reused_from": rows.augmented.reused_from}
+    return counts
 
 
 def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out: Path,
             params: ExtractParams, normalization: str = "backbone", report: Path | None = None,
             on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run the whole stage: write `out` (and remove its work file); return the extract.json report.
+    """Run the whole stage: write `out` (and remove its work files); return the extract.json report.
 
     Holds `output_lock(out)` throughout. `report`: the previous run's extract.json, whose features_sha256
     the previous output must match to be reused (see read_reusable; None: not checked).
     `extract.engine: ray` hands the same job to stages.extract_ray (same rows, file and report keys).
 
-    `on_batch(k)` is called after the k-th computed batch is durably in the work file (tests use it to
-    simulate a crash).
+    `on_batch(k)` is called after the k-th computed batch (main rows first, then augmented views) is durably
+    in its work file (tests use it to simulate a crash).
     """
     with output_lock(out):
         if params.engine == "ray":
@@ -858,108 +1039,164 @@ def _extract_local(*, backbone: Backbone, weights: Path, raw: Path, manifest: Pa
     stage_start = time.perf_counter()
     inputs = read_inputs(backbone=backbone, weights=weights, manifest=manifest, params=params,
                          normalization=normalization)
-    rows, unique, shas = inputs.rows, inputs.unique, inputs.shas
-    preprocess, weights_sha256, layers = inputs.preprocess, inputs.weights_sha256, inputs.layers
-
     device = resolve_device(params.device)
-    capability = read_cpu_capability()
-    cores = capability["cores"] if device == "cpu" else 1
+    capability = read_capability(device)
+    precision, precision_reason = choose_precision(params.precision, device=device, capability=capability)
     if device == "cuda":
         fix_cuda_algorithms()
     torch.set_num_threads(capability["cores"])
     num_workers = (auto_num_workers(device, capability["cores"]) if params.num_workers == "auto"
                    else params.num_workers)
-    candidates, notes = candidate_paths(device, params.precision, capability)
 
-    # Reusable rows, per candidate precision: the previous output (persist: true) and the work file.
-    keys = {c.precision: provenance_key(backbone=backbone.name, weights_sha256=weights_sha256,
-                                        preprocess=preprocess, layers=layers, precision=c.precision,
-                                        params=params) for c in candidates}
-    reusable = read_reusable(out, keys, shas, report=previous_report)
-    previous, work, header, pools = reusable.previous, reusable.work, reusable.header, reusable.pools
-    to_compute = {p: len(unique) - len(pool) for p, (pool, _) in pools.items()}
+    # Reusable rows: the previous output (persist: true) and the work files, at the one precision.
+    key = provenance_key(backbone=backbone.name, weights_sha256=inputs.weights_sha256, preprocess=inputs.preprocess,
+                         layers=inputs.layers, precision=precision, params=params)
+    views = inputs.augment["views"]
+    rows = read_reusable(out, key, inputs.shas, report=previous_report,
+                         augmented_key=augmented_key(key, inputs.augment) if views else None,
+                         augmented_shas={r.sha256 for r in inputs.train_unique})
+    todo = [r for r in inputs.unique if r.sha256 not in rows.main.pool]
+    todo_augmented = [r for r in inputs.train_unique if r.sha256 not in rows.augmented.pool] if views else []
 
-    # The compute path: an interrupted run's (same batches, same bytes), else measured.
-    resumed = ComputePath(**header["path"]) if header is not None else None
-    if resumed is not None and dataclasses.replace(resumed, compile=False) not in candidates:
-        resumed = None
-    model = build_feature_model(backbone, weights, layers)
+    model = build_feature_model(backbone, weights, inputs.layers)
     bn_before = _bn_state(model)
-    compiled: Callable | None = None
+    batches = iter(range(1, 1 << 62))
+    tick = (lambda: on_batch(next(batches))) if on_batch is not None else None
     with torch.inference_mode():
-        if resumed is not None:
-            path = resumed
-            torch.set_num_threads(header.get("threads", capability["cores"]))
-            selection: dict[str, Any] = {"reason": f"resumed the interrupted run's path ({work.path.name})",
-                                         "measurements": {}, "precision_check": None}
-        else:
-            start = time.perf_counter()
-            batches = _measurement_batches(raw, unique, preprocess, params.batch_size)
-            path, compiled, selection = select_path(model, candidates, batches, to_compute=to_compute,
-                                                    compile_mode=params.compile, views=params.tta, cores=cores,
-                                                    batch_size=params.batch_size)
-            selection["seconds"] = round(time.perf_counter() - start, 3)
-        selection = {"candidates": [c.name for c in candidates], "notes": notes, **selection}
-        if compiled is None:
-            set_memory_format(model, path)
-        if path.compile and compiled is None:  # resuming a compiled path
-            compiled = compile_model(model)
-        runner = compiled if compiled is not None else model
-
-        pool, reused_from = pools[path.precision]
-        todo = [r for r in unique if r.sha256 not in pool]
-        logger.info("%s: %d images, %d reused (%d from %s, %d from the work file), %d to compute with %s, "
-                    "%d threads, %d workers", backbone.name, len(rows), len(pool), reused_from["features"],
-                    out.name, reused_from["work_file"], len(todo), path.name, torch.get_num_threads(), num_workers)
-        compute_seconds = 0.0
+        path, runner, selection, resumed = _compute_path(
+            model, rows, raw=raw, inputs=inputs, params=params, device=device, capability=capability,
+            n_todo=len(todo) + len(todo_augmented) * views / len(params.tta))
+        logger.info("%s: %d images, %d reused (%d from %s, %d from the work file), %d to compute%s with %s at %s "
+                    "(%s), %d threads, %d workers", backbone.name, len(inputs.rows), len(rows.main.pool),
+                    rows.main.reused_from["features"], out.name, rows.main.reused_from["work_file"], len(todo),
+                    f" and {len(todo_augmented)} x {views} augmented views" if views else "", path.name,
+                    path.precision, precision_reason, torch.get_num_threads(), num_workers)
+        header = {"format_version": FORMAT_VERSION, "path": path.as_dict(), "batch_size": params.batch_size,
+                  "threads": torch.get_num_threads()}
+        common = {"layers": inputs.layers, "path": path, "storage_dtype": params.storage_dtype,
+                  "num_workers": num_workers, "device": device, "on_batch": tick,
+                  "pad_to": params.batch_size if path.compile else None}
+        seconds = seconds_augmented = 0.0
         if todo:
-            work.open({"format_version": FORMAT_VERSION, "key": pool.key, "path": path.as_dict(),
-                       "batch_size": params.batch_size, "threads": torch.get_num_threads()},
-                      resume=resumed is not None)
-            loader = make_loader(EvalImages(raw, todo, preprocess), batch_size=params.batch_size,
-                                 num_workers=num_workers, device=device)
-            start = time.perf_counter()
-            try:
-                with progress(total=len(todo), unit="img", desc=f"extract {backbone.name}") as bar:
-                    batches_done = extract_features(runner, loader, path=path, views=params.tta)
-                    for k, (indices, features) in enumerate(batches_done, start=1):
-                        sha256s = [todo[i].sha256 for i in indices]
-                        arrays = to_storage(features, layers, tta_mode=params.tta_mode,
-                                            storage_dtype=params.storage_dtype)
-                        work.append(sha256s, arrays)
-                        pool.add(sha256s, dict(zip(layers, arrays)))
-                        bar.update(len(indices))
-                        if on_batch is not None:
-                            on_batch(k)
-            finally:
-                work.close()  # what was appended stays for the next run to resume from
-            compute_seconds = time.perf_counter() - start
+            seconds = compute_rows(runner, rows.main, EvalImages(raw, todo, inputs.preprocess),
+                                   header={**header, "key": rows.main.pool.key},
+                                   resume=resumed and rows.main.header is not None, views=params.tta,
+                                   tta_mode=params.tta_mode, batch_size=params.batch_size,
+                                   desc=f"extract {backbone.name}", **common)
+        if todo_augmented:
+            seconds_augmented = compute_rows(
+                runner, rows.augmented, AugmentedImages(raw, todo_augmented, inputs.preprocess, views=views),
+                header={**header, "key": rows.augmented.pool.key},
+                resume=resumed and rows.augmented.header is not None, views=("none",), tta_mode="rows",
+                batch_size=max(1, params.batch_size // views), desc=f"augment {backbone.name}", **common)
     if _bn_state(model) != bn_before:
         raise ExtractError("BatchNorm running statistics changed during extraction: the model was not in "
                            "eval mode.")
 
-    write_output(out, inputs=inputs, manifest=manifest, pool=pool, work=work)
+    write_output(out, inputs=inputs, manifest=manifest, rows=rows, precision_reason=precision_reason)
+    report = _local_report(backbone=backbone, inputs=inputs, rows=rows, params=params, path=path,
+                           selection=selection, todo=todo, seconds=seconds, todo_augmented=todo_augmented,
+                           seconds_augmented=seconds_augmented, device=device, capability=capability,
+                           precision_reason=precision_reason, num_workers=num_workers, out=out)
+    report["stage_seconds"] = round(time.perf_counter() - stage_start, 3)
+    logger.info("%s: wrote %s (%d rows%s): computed %d, reused %d, dropped %d%s", backbone.name, out,
+                report["rows"], f" + {report['augmented']['rows']} augmented" if views else "", report["computed"],
+                report["reused"], report["dropped"],
+                f"; {report['images_per_second']} images/s" if report["images_per_second"] else "")
+    return report
 
+
+def _compute_path(model: nn.Module, rows: Reusable, *, raw: Path, inputs: StageInputs, params: ExtractParams,
+                  device: str, capability: dict[str, Any], n_todo: float
+                  ) -> tuple[ComputePath, Callable, dict[str, Any], bool]:
+    """(path, the module to run, the report's selection section, whether an interrupted run is resumed).
+
+    An interrupted run's path when a work file has one at this precision (same batches, same bytes), else
+    measured among the numerics-neutral candidates at the chosen precision (select_path). Leaves the model
+    in the path's memory format and torch at the chosen thread count."""
+    candidates = candidate_paths(device, rows.main.pool.key["precision"])
+    header = rows.main.header or (rows.augmented.header if rows.augmented is not None else None)
+    resumed = ComputePath(**header["path"]) if header is not None else None
+    if resumed is not None and dataclasses.replace(resumed, compile=False) not in candidates:
+        resumed = None
+    compiled: Callable | None = None
+    if resumed is not None:
+        path = resumed
+        torch.set_num_threads(header.get("threads", capability["cores"]))
+        selection: dict[str, Any] = {"reason": "resumed the interrupted run's path", "measurements": {},
+                                     "precision_check": None}
+    else:
+        start = time.perf_counter()
+        batches = _measurement_batches(raw, inputs.unique, inputs.preprocess, params.batch_size)
+        path, compiled, selection = select_path(model, candidates, batches, n_todo=n_todo,
+                                                compile_mode=params.compile, views=params.tta,
+                                                cores=capability["cores"] if device == "cpu" else 1,
+                                                batch_size=params.batch_size)
+        selection["seconds"] = round(time.perf_counter() - start, 3)
+    selection = {"candidates": [c.name for c in candidates], **selection}
+    if compiled is None:
+        set_memory_format(model, path)
+    if path.compile and compiled is None:  # resuming a compiled path
+        compiled = compile_model(model)
+    return path, compiled if compiled is not None else model, selection, resumed is not None
+
+
+def compute_rows(runner: Callable, source: RowSource, dataset: EvalImages, *, header: dict[str, Any], resume: bool,
+                 layers: Sequence[str], path: ComputePath, views: Sequence[str], tta_mode: str, storage_dtype: str,
+                 batch_size: int, pad_to: int | None, num_workers: int, device: str, desc: str,
+                 on_batch: Callable[[], None] | None) -> float:
+    """Run `dataset` (the images still to compute, in order) through `runner` in batches of `batch_size`
+    items; each batch goes durably into `source.work` (started with `header`, or continued with `resume`)
+    and then into `source.pool`. Returns the seconds taken (decode + forward). Call under inference_mode."""
+    images = dataset.rows
+    source.work.open(header, resume=resume)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, device=device)
+    start = time.perf_counter()
+    try:
+        with progress(total=len(images), unit="img", desc=desc) as bar:
+            for indices, features in extract_features(runner, loader, path=path, views=views, pad_to=pad_to):
+                sha256s = [images[i].sha256 for i in indices]
+                arrays = to_storage(features, layers, tta_mode=tta_mode, storage_dtype=storage_dtype)
+                source.work.append(sha256s, arrays)
+                source.pool.add(sha256s, dict(zip(layers, arrays)))
+                bar.update(len(indices))
+                if on_batch is not None:
+                    on_batch()
+    finally:
+        source.work.close()  # what was appended stays for the next run to resume from
+    return time.perf_counter() - start
+
+
+def _local_report(*, backbone: Backbone, inputs: StageInputs, rows: Reusable, params: ExtractParams,
+                  path: ComputePath, selection: dict[str, Any], todo: list[ManifestRow], seconds: float,
+                  todo_augmented: list[ManifestRow], seconds_augmented: float, device: str,
+                  capability: dict[str, Any], precision_reason: str, num_workers: int, out: Path) -> dict[str, Any]:
+    """The local engine's extract.json (without stage_seconds)."""
     measured = selection["measurements"].get(path.name)
     if todo:
-        images, seconds, source = len(todo), compute_seconds, "extraction: decode + forward"
+        images, source = len(todo), "extraction: decode + forward"
     elif measured:
         fastest = max(measured["runs"], key=lambda r: r["images"] / r["seconds"])
         images, seconds = fastest["images"], fastest["seconds"]
         source = "measurement on a real batch (forward only): every row was reused"
     else:
         images, seconds, source = 0, 0.0, "none: every row was reused"
-    report = {
+    counts = row_counts(inputs, rows, computed=len(todo), computed_augmented=len(todo_augmented))
+    if "augmented" in counts:
+        n_views = len(todo_augmented) * inputs.augment["views"]
+        counts["augmented"].update({"seconds": round(seconds_augmented, 4), "views_per_second":
+                                    round(n_views / seconds_augmented, 2) if seconds_augmented else None})
+    return {
         "backbone": backbone.name,
         "images": images,
         "seconds": round(seconds, 4),
         "images_per_second": round(images / seconds, 2) if seconds else None,
         "throughput_source": source,
-        **row_counts(inputs, pool=pool, computed=len(todo), reused_from=reused_from, previous=previous),
-        "stage_seconds": round(time.perf_counter() - stage_start, 3),
+        **counts,
         "engine": "local",
         "device": device,
         "precision": path.precision,
+        "precision_reason": precision_reason,
         "storage_dtype": params.storage_dtype,
         "batch_size": params.batch_size,
         "compile": path.compile,
@@ -967,20 +1204,21 @@ def _extract_local(*, backbone: Backbone, weights: Path, raw: Path, manifest: Pa
         "path": path.name,
         "torch_threads": torch.get_num_threads(),
         "num_workers": num_workers,
-        "layers": list(layers),
-        "feature_dims": {layer: int(next(iter(pool.rows.values()))[layer].shape[-1]) for layer in layers},
+        "layers": list(inputs.layers),
+        "layer_aliases": inputs.layer_aliases,
+        "feature_dims": {layer: int(next(iter(rows.main.pool.rows.values()))[layer].shape[-1])
+                         for layer in inputs.layers},
+        "preprocess": inputs.preprocess.as_dict(),
         "tta": list(params.tta),
         "tta_mode": params.tta_mode,
+        "augment_views": inputs.augment["views"],
         "selection": selection,
-        "cpu": capability,
+        "warnings": inputs.warnings,
+        "cpu": {k: v for k, v in capability.items() if k != "cuda_bf16"},
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "weights_sha256": weights_sha256,
+        "weights_sha256": inputs.weights_sha256,
         "features_sha256": sha256_file(out),
     }
-    logger.info("%s: wrote %s (%d rows): computed %d, reused %d, dropped %d%s", backbone.name, out,
-                report["rows"], report["computed"], report["reused"], report["dropped"],
-                f"; {report['images_per_second']} images/s" if report["images_per_second"] else "")
-    return report
 
 
 def _bn_state(model: nn.Module) -> list[bytes]:

@@ -27,9 +27,11 @@ that changed since prepare, an undecodable file) are not retried: they fail the 
 message. An interrupted driver leaves the work file, from which the next run (either engine) resumes.
 Cluster: `extract.ray_address`, else $RAY_ADDRESS, else a local Ray instance on this machine's cores. Every
 node must see data/raw at the same path (a shared filesystem); the weights need not be there.
-Compute path: no measurement (the actors may be on other machines): channels_last (the local engine's first
-preference), eager (no torch.compile); precision as forced by extract.precision, or with `auto` float32 on CPU
-and bf16 autocast on GPUs that have it (else fp16), unless another of those precisions has more reusable rows.
+Compute path: no measurement (the actors may be on other machines): channels_last, eager (no torch.compile);
+the precision by the local engine's rule (stages.extract.choose_precision: extract.precision, or with `auto` the
+hardware of a worker: the GPUs' AMP dtype, on CPU bf16 only where native, else float32), never by a timing.
+Augmented training views (extract.augment_views) go through the same pipeline after the main rows: a decode task
+makes its batch's views (stages.extract.AugmentedImages, the same seeds) and the actors run them as images.
 """
 from __future__ import annotations
 
@@ -48,10 +50,11 @@ import numpy as np
 import torch
 
 from stages.backbones import Backbone, Preprocess, WeightsError, build_feature_model
-from stages.extract import (FORMAT_VERSION, ComputePath, EvalImages, ExtractError, RowPool, StageInputs, WorkLog,
-                            _canonical, fix_cuda_algorithms, forward_features, provenance_key,
-                            read_inputs, read_reusable, row_counts, set_memory_format, to_storage, write_output)
-from stages.hardware import available_cores
+from stages.extract import (FORMAT_VERSION, AugmentedImages, ComputePath, EvalImages, ExtractError, RowSource,
+                            StageInputs, augmented_key, choose_precision, fix_cuda_algorithms, forward_features,
+                            provenance_key, read_inputs, read_reusable, row_counts, set_memory_format, to_storage,
+                            write_output)
+from stages.hardware import available_cores, read_cpu_capability
 from stages.images import ImageDecodeError, ManifestRow
 from stages.io import progress, sha256_bytes, sha256_file
 from stages.params import ExtractParams, ParamError
@@ -129,18 +132,21 @@ def plan_actors(resources: dict[str, float], device: str) -> ActorPlan:
     return ActorPlan("cpu", cpus - decode, 0.0, 1.0, 1, 1.0)
 
 
-def _cuda_amp_precision() -> str:
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+def _worker_capability(device: str) -> dict[str, Any]:
+    capability = read_cpu_capability()
+    if device == "cuda":
+        capability["cuda_bf16"] = bool(torch.cuda.is_bf16_supported())
+    return capability
 
 
-def candidate_precisions(ray: Any, plan: ActorPlan, requested: str) -> list[str]:
-    """Precisions the actors may use, in preference order: a forced one as given; `auto`: float32 on CPU, the
-    GPUs' AMP dtype (asked of a GPU worker: bf16 where supported, else fp16) then float32 on CUDA."""
-    if requested != "auto":
-        return [requested]
-    if plan.device == "cpu":
-        return ["float32"]
-    return [ray.get(ray.remote(num_gpus=1)(_cuda_amp_precision).remote()), "float32"]
+def actor_precision(ray: Any, plan: ActorPlan, requested: str) -> tuple[str, str]:
+    """(precision, reason) for the actors, by the local engine's rule (choose_precision): a forced one as given;
+    `auto` from the hardware of a worker like the actors' (a GPU worker on CUDA), never from a timing."""
+    capability: dict[str, Any] = {}
+    if requested == "auto":
+        resources = {"num_gpus": 1} if plan.device == "cuda" else {"num_cpus": plan.decode_cpus}
+        capability = ray.get(ray.remote(**resources)(_worker_capability).remote(plan.device))
+    return choose_precision(requested, device=plan.device, capability=capability)
 
 
 def batch_items(rows: Sequence[ManifestRow], batch_size: int) -> list[dict[str, Any]]:
@@ -153,19 +159,23 @@ def batch_items(rows: Sequence[ManifestRow], batch_size: int) -> list[dict[str, 
     return items
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, raw: str, preprocess: Preprocess) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, raw: str, preprocess: Preprocess,
+                 augment_views: int = 0) -> dict[str, np.ndarray]:
     """Ray task (map_batches, batch_size=1): one batch row -> {"batch": [k], "images": float32 [1, B, 3, H, W]},
-    through the local engine's EvalImages (sha256 check against the manifest, decoder, eval preprocessing)."""
+    through the local engine's EvalImages (sha256 check against the manifest, decoder, eval preprocessing);
+    with `augment_views` A: its AugmentedImages, [1, B, A, 3, H, W]."""
     columns = [list(batch[name][0]) for name in ROW_FIELDS]
     rows = [ManifestRow(*(v.item() if hasattr(v, "item") else v for v in values)) for values in zip(*columns)]
-    dataset = EvalImages(Path(raw), rows, preprocess)
+    dataset = (AugmentedImages(Path(raw), rows, preprocess, views=augment_views) if augment_views
+               else EvalImages(Path(raw), rows, preprocess))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     return {"batch": np.asarray(batch["batch"]), "images": images.numpy()[None]}
 
 
 class FeatureActor:
     """Ray actor (map_batches, batch_size=1): builds the verified model once, then maps
-    {"batch": [k], "images": [1, B, 3, H, W]} -> {"batch": [k], "layer_<i>": [1, B, V', D] in the storage dtype}.
+    {"batch": [k], "images": [1, B, 3, H, W]} -> {"batch": [k], "layer_<i>": [1, B, V', D] in the storage dtype};
+    augmented views [1, B, A, 3, H, W] run as B*A images -> [1, B, A, D].
 
     `crash_flag` is for tests: the first call on a batch after the first that can rename that file away ends
     the actor's process (os._exit), as a machine failure would.
@@ -200,8 +210,14 @@ class FeatureActor:
                 os._exit(1)
         images = torch.from_numpy(np.array(batch["images"][0], dtype=np.float32))  # a writable copy
         with torch.inference_mode():
-            features = forward_features(self.model, images, path=self.path, views=self.views)
-        arrays = to_storage(features, self.layers, tta_mode=self.tta_mode, storage_dtype=self.storage_dtype)
+            if images.ndim == 5:  # augmented views: one forward pass each, kept apart
+                b, a = images.shape[:2]
+                out = forward_features(self.model, images.flatten(0, 1), path=self.path, views=("none",))
+                features, tta_mode = {layer: v.reshape(b, a, -1) for layer, v in out.items()}, "rows"
+            else:
+                features = forward_features(self.model, images, path=self.path, views=self.views)
+                tta_mode = self.tta_mode
+        arrays = to_storage(features, self.layers, tta_mode=tta_mode, storage_dtype=self.storage_dtype)
         return {"batch": np.asarray(batch["batch"]), **{f"layer_{i}": a[None] for i, a in enumerate(arrays)}}
 
 
@@ -218,13 +234,15 @@ def _stage_error(ray: Any, exc: BaseException | None) -> BaseException | None:
 
 
 def compute_batches(ray: Any, items: list[dict[str, Any]], *, raw: Path, preprocess: Preprocess,
-                    actor_kwargs: dict[str, Any], plan: ActorPlan) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """Run the Ray Data pipeline over `items` (batch_items); yield (batch index, [per layer [B, V', D]]) in order."""
+                    actor_kwargs: dict[str, Any], plan: ActorPlan, augment_views: int = 0
+                    ) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Run the Ray Data pipeline over `items` (batch_items); yield (batch index, [per layer [B, V', D]]) in order
+    (with `augment_views` A: the items' augmented views, [B, A, D])."""
     # A decode worker: the interpreter with torch loaded (Ray measured ~520 MB on hymenoptera) plus about two
     # copies of its batch of float32 images. Asking for memory also keeps decoding in its own tasks: Ray Data
     # fuses a map into the next one when their resource requests are equal.
     size = preprocess.input_size
-    decode_memory = DECODE_WORKER_BYTES + 2 * len(items[0]["sha256"]) * 3 * size * size * 4
+    decode_memory = DECODE_WORKER_BYTES + 2 * len(items[0]["sha256"]) * max(1, augment_views) * 3 * size * size * 4
     context = ray.data.DataContext.get_current()
     saved = (context.execution_options.preserve_order, context.enable_progress_bars,
              context.raise_original_map_exception)
@@ -234,7 +252,8 @@ def compute_batches(ray: Any, items: list[dict[str, Any]], *, raw: Path, preproc
     try:
         dataset = (
             ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(decode_batch, batch_size=1, fn_kwargs={"raw": str(raw), "preprocess": preprocess},
+            .map_batches(decode_batch, batch_size=1, fn_kwargs={"raw": str(raw), "preprocess": preprocess,
+                                                                "augment_views": augment_views},
                          num_cpus=plan.decode_cpus, memory=decode_memory)
             .map_batches(FeatureActor, batch_size=1, fn_constructor_kwargs=actor_kwargs,
                          compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus,
@@ -266,33 +285,49 @@ def extract_ray(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path,
     ray = import_ray()
     inputs = read_inputs(backbone=backbone, weights=weights, manifest=manifest, params=params,
                          normalization=normalization)
+    views = inputs.augment["views"]
     with ray_cluster(params.ray_address, num_cpus=available_cores()) as cluster:
         plan = plan_actors(cluster["resources"], params.device)
-        precisions = candidate_precisions(ray, plan, params.precision)
-        keys = {p: provenance_key(backbone=backbone.name, weights_sha256=inputs.weights_sha256,
-                                  preprocess=inputs.preprocess, layers=inputs.layers, precision=p, params=params)
-                for p in precisions}
-        reusable = read_reusable(out, keys, inputs.shas, report=previous_report)
-        precision = min(precisions, key=lambda p: len(inputs.unique) - len(reusable.pools[p][0]))
-        pool, reused_from = reusable.pools[precision]
+        precision, precision_reason = actor_precision(ray, plan, params.precision)
+        key = provenance_key(backbone=backbone.name, weights_sha256=inputs.weights_sha256,
+                             preprocess=inputs.preprocess, layers=inputs.layers, precision=precision, params=params)
+        rows = read_reusable(out, key, inputs.shas, report=previous_report,
+                             augmented_key=augmented_key(key, inputs.augment) if views else None,
+                             augmented_shas={r.sha256 for r in inputs.train_unique})
         path = ComputePath(plan.device, precision, True)
-        header = reusable.header
-        resume = header is not None and _canonical(header["key"]) == _canonical(pool.key)
-        if resume and header["path"]["device"] == plan.device:  # finish with the interrupted run's path
+        header = rows.main.header or (rows.augmented.header if rows.augmented is not None else None)
+        resumed = header is not None and header["path"]["device"] == plan.device
+        if resumed:  # finish with the interrupted run's path
             path = dataclasses.replace(ComputePath(**header["path"]), compile=False)
-        todo = [r for r in inputs.unique if r.sha256 not in pool]
-        logger.info("%s on Ray (%s, %s): %d images, %d reused (%d from %s, %d from the work file), %d to compute "
-                    "with %s on %d actor(s)", backbone.name, cluster["address"], cluster["resources"],
-                    len(inputs.rows), len(pool), reused_from["features"], out.name, reused_from["work_file"],
-                    len(todo), path.name, plan.actors)
+        todo = [r for r in inputs.unique if r.sha256 not in rows.main.pool]
+        todo_augmented = [r for r in inputs.train_unique if r.sha256 not in rows.augmented.pool] if views else []
+        logger.info("%s on Ray (%s, %s): %d images, %d reused (%d from %s, %d from the work file), %d to compute%s "
+                    "with %s (%s) on %d actor(s)", backbone.name, cluster["address"], cluster["resources"],
+                    len(inputs.rows), len(rows.main.pool), rows.main.reused_from["features"], out.name,
+                    rows.main.reused_from["work_file"], len(todo),
+                    f" and {len(todo_augmented)} x {views} augmented views" if views else "", path.name,
+                    precision_reason, plan.actors)
         timing = {"ray_start_seconds": cluster["start_seconds"]}
+        job = {"inputs": inputs, "weights": weights, "backbone": backbone, "raw": raw, "params": params, "path": path,
+               "plan": plan, "crash_flag": crash_flag}
+        batches_done = 0
         if todo:
-            timing.update(_compute(ray, todo, pool=pool, work=reusable.work, resume=resume, inputs=inputs,
-                                   weights=weights, backbone=backbone, raw=raw, params=params, path=path,
-                                   plan=plan, on_batch=on_batch, crash_flag=crash_flag))
-    write_output(out, inputs=inputs, manifest=manifest, pool=pool, work=reusable.work)
+            timing.update(_compute(ray, todo, source=rows.main, resume=resumed and rows.main.header is not None,
+                                   on_batch=on_batch, **job))
+            batches_done = timing["batches"]
+        if todo_augmented:
+            augmented = _compute(ray, todo_augmented, source=rows.augmented, augment_views=views,
+                                 resume=resumed and rows.augmented.header is not None,
+                                 on_batch=(lambda k: on_batch(batches_done + k)) if on_batch else None, **job)
+            timing["augmented"] = augmented
+    write_output(out, inputs=inputs, manifest=manifest, rows=rows, precision_reason=precision_reason)
 
     seconds = timing.get("pipeline_seconds", 0.0)
+    counts = row_counts(inputs, rows, computed=len(todo), computed_augmented=len(todo_augmented))
+    if "augmented" in counts:
+        augmented_seconds = timing.get("augmented", {}).get("pipeline_seconds", 0.0)
+        counts["augmented"].update({"seconds": augmented_seconds, "views_per_second": round(
+            len(todo_augmented) * views / augmented_seconds, 2) if augmented_seconds else None})
     report = {
         "backbone": backbone.name,
         "images": len(todo),
@@ -301,11 +336,12 @@ def extract_ray(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path,
         "throughput_source": ("ray: decode tasks + actor forward passes, from the pipeline's start (actor "
                               "start-up and model build included) to the last batch written" if todo
                               else "none: every row was reused"),
-        **row_counts(inputs, pool=pool, computed=len(todo), reused_from=reused_from, previous=reusable.previous),
+        **counts,
         "stage_seconds": round(time.perf_counter() - stage_start, 3),
         "engine": "ray",
         "device": plan.device,
         "precision": path.precision,
+        "precision_reason": precision_reason,
         "storage_dtype": params.storage_dtype,
         "batch_size": params.batch_size,
         "compile": False,
@@ -313,9 +349,14 @@ def extract_ray(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path,
         "path": path.name,
         "torch_threads": plan.threads,
         "layers": list(inputs.layers),
-        "feature_dims": {layer: int(next(iter(pool.rows.values()))[layer].shape[-1]) for layer in inputs.layers},
+        "layer_aliases": inputs.layer_aliases,
+        "feature_dims": {layer: int(next(iter(rows.main.pool.rows.values()))[layer].shape[-1])
+                         for layer in inputs.layers},
+        "preprocess": inputs.preprocess.as_dict(),
         "tta": list(params.tta),
         "tta_mode": params.tta_mode,
+        "augment_views": views,
+        "warnings": inputs.warnings,
         "ray": {"address": cluster["address"], "resources": cluster["resources"],
                 "actors": dataclasses.asdict(plan), "fault_tolerance": FAULT_TOLERANCE, **timing},
         "weights_sha256": inputs.weights_sha256,
@@ -327,11 +368,14 @@ def extract_ray(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path,
     return report
 
 
-def _compute(ray: Any, todo: list[ManifestRow], *, pool: RowPool, work: WorkLog, resume: bool, inputs: StageInputs,
+def _compute(ray: Any, todo: list[ManifestRow], *, source: RowSource, resume: bool, inputs: StageInputs,
              weights: Path, backbone: Backbone, raw: Path, params: ExtractParams, path: ComputePath,
-             plan: ActorPlan, on_batch: Callable[[int], None] | None, crash_flag: Path | None) -> dict[str, float]:
-    """Compute `todo` on Ray into `pool`, each batch appended to the work file first; return timings (s)."""
-    items = batch_items(todo, params.batch_size)
+             plan: ActorPlan, on_batch: Callable[[int], None] | None, crash_flag: Path | None,
+             augment_views: int = 0) -> dict[str, float]:
+    """Compute `todo` on Ray into `source.pool`, each batch appended to its work file first; return timings (s).
+    `augment_views` A: the images' augmented views instead, in batches of batch_size // A images (as local)."""
+    pool, work = source.pool, source.work
+    items = batch_items(todo, max(1, params.batch_size // augment_views) if augment_views else params.batch_size)
     actor_kwargs = {"backbone": backbone, "weights": ray.put(Path(weights).read_bytes()),
                     "weights_sha256": inputs.weights_sha256, "layers": list(inputs.layers), "path": path.as_dict(),
                     "views": list(params.tta), "tta_mode": params.tta_mode, "storage_dtype": params.storage_dtype,
@@ -341,9 +385,10 @@ def _compute(ray: Any, todo: list[ManifestRow], *, pool: RowPool, work: WorkLog,
     start = time.perf_counter()
     first = None
     try:
-        with progress(total=len(todo), unit="img", desc=f"extract {backbone.name} (ray)") as bar:
+        desc = f"{'augment' if augment_views else 'extract'} {backbone.name} (ray)"
+        with progress(total=len(todo), unit="img", desc=desc) as bar:
             batches = compute_batches(ray, items, raw=raw, preprocess=inputs.preprocess,
-                                      actor_kwargs=actor_kwargs, plan=plan)
+                                      actor_kwargs=actor_kwargs, plan=plan, augment_views=augment_views)
             for expected, (k, arrays) in enumerate(batches):
                 if k != expected:
                     raise ExtractError(f"Ray returned batch {k} where batch {expected} was due; rows would be "
@@ -359,8 +404,9 @@ def _compute(ray: Any, todo: list[ManifestRow], *, pool: RowPool, work: WorkLog,
                     first = time.perf_counter() - start
                 if on_batch is not None:
                     on_batch(k + 1)
-            if len(pool) != len(inputs.unique):
-                raise ExtractError(f"Ray returned {len(pool)} of {len(inputs.unique)} rows")
+            expected = len(inputs.train_unique) if augment_views else len(inputs.unique)
+            if len(pool) != expected:
+                raise ExtractError(f"Ray returned {len(pool)} of {expected} rows")
     finally:
         work.close()  # what was appended stays for the next run to resume from
     seconds = time.perf_counter() - start

@@ -15,8 +15,8 @@ import torchvision.models as tvm
 from torch import nn
 
 from stages.backbones import (KEY_MAPS, REGISTRY, WeightsError, build_feature_model, build_model,
-                              classifier_path, custom_local_path, get_backbone, load_weights,
-                              read_state_dict)
+                              classifier_path, custom_local_path, get_backbone, input_size_for, load_weights,
+                              read_state_dict, resize_for, resolve_layers, with_input_size)
 from stages.images import eval_transform, load_rgb
 from stages.params import CustomBackbone
 
@@ -85,6 +85,67 @@ def test_architecture_layers_and_classifier(name: str) -> None:
         assert len(weights) == 1
         assert sum(p.numel() for p in model.parameters()) == weights[0].meta["num_params"]
         assert backbone.preprocess.input_size == weights[0].transforms().crop_size[0]
+
+
+MID_LAYERS = {"efficientnet_lite0": "blocks.5", "efficientnet_lite1": "blocks.5", "efficientnet_lite2": "blocks.5",
+              "resnet18": "layer3", "resnet34": "layer3", "resnet50": "layer3", "vgg16": "features.23",
+              "googlenet": "inception4e", "efficientnet_b0": "features.6", "mobilenet_v3_large": "features.12",
+              "convnext_tiny": "features.5"}
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_BACKBONES))
+def test_mid_layer_exists_and_is_the_last_stage_before_the_final_one(name: str) -> None:
+    """Built on the meta device: `mid` names a module of the model, one of the probed layers, that gives a
+    feature map and runs before the last probed stage."""
+    backbone = REGISTRY[name]
+    assert backbone.mid_layer == MID_LAYERS[name]
+    assert backbone.mid_layer in backbone.layers
+    with torch.device("meta"):
+        model = build_model(backbone)
+    order: list[tuple[str, int]] = []
+
+    def record(layer: str):
+        def hook(_module, _inputs, output) -> None:
+            order.append((layer, output.ndim))
+        return hook
+
+    hooks = [model.get_submodule(layer).register_forward_hook(record(layer)) for layer in backbone.layers]
+    size = backbone.preprocess.input_size
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, size, size, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    ran = [layer for layer, _ in order]
+    assert dict(order)[backbone.mid_layer] == 4
+    assert ran.index(backbone.mid_layer) < ran.index(backbone.layers[-1])
+    assert resolve_layers(backbone, ("pool", "mid")) == (("pool", backbone.mid_layer), {"mid": backbone.mid_layer}, [])
+
+
+def test_resolve_layers_drops_duplicates_and_skips_an_undeclared_mid(tmp_path) -> None:
+    lite = REGISTRY["efficientnet_lite0"]
+    assert resolve_layers(lite, ("blocks.5", "pool", "mid")) == (("blocks.5", "pool"), {"mid": "blocks.5"}, [])
+    assert resolve_layers(lite, ("pool", "blocks.3")) == (("pool", "blocks.3"), {}, [])
+    spec = CustomBackbone(arch="timm:test_resnet", source=str(tmp_path / "m.pth"), sha256="a" * 64)
+    layers, aliases, warnings = resolve_layers(get_backbone("mine", {"mine": spec}), ("pool", "mid"))
+    assert (layers, aliases) == (("pool",), {}) and "mine declares no mid_layer" in warnings[0]
+    declared = CustomBackbone(arch="timm:test_resnet", source=str(tmp_path / "m.pth"), sha256="a" * 64,
+                              mid_layer="layers.2")
+    assert resolve_layers(get_backbone("mine", {"mine": declared}), ("pool", "mid"))[:2] == (
+        ("pool", "layers.2"), {"mid": "layers.2"})
+
+
+def test_input_size_sets_crop_and_resize_as_the_registry_does() -> None:
+    assert [resize_for(s) for s in (224, 240, 260, 300, 380)] == [256, 274, 297, 342, 434]
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "convnext_tiny"):
+        own = REGISTRY[name].preprocess
+        assert own.resize == resize_for(own.input_size) or name == "convnext_tiny"  # torchvision: 236 for 224
+        assert with_input_size(own, None) is own and with_input_size(own, own.input_size) is own
+    lite = REGISTRY["efficientnet_lite0"].preprocess
+    bigger = with_input_size(lite, 260)
+    assert (bigger.input_size, bigger.resize, bigger.mean, bigger.interpolation) == (260, 297, lite.mean, "bicubic")
+    assert input_size_for("efficientnet_lite0", None) is None and input_size_for("efficientnet_lite0", 300) == 300
+    assert input_size_for("efficientnet_lite0", {"efficientnet_lite0": 260, "resnet50": 288}) == 260
+    assert input_size_for("efficientnet_lite1", {"efficientnet_lite0": 260}) is None
 
 
 def test_custom_backbone_from_params(tmp_path) -> None:

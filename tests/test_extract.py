@@ -32,9 +32,10 @@ HYMENOPTERA = Path(os.environ.get("PIPELINE_MIRROR", REPO.parent / "shared" / "d
 TINY_LAYERS = ("blocks.1", "blocks.3")
 
 
-def tiny_backbone(weights: Path) -> Backbone:
-    """timm's 0.36M-parameter test_efficientnet (with BatchNorm), 32x32 inputs."""
+def tiny_backbone(weights: Path, mid_layer: str | None = "blocks.3") -> Backbone:
+    """timm's 0.36M-parameter test_efficientnet (with BatchNorm), 32x32 inputs; `mid` is blocks.3."""
     return Backbone(name="tiny", arch="timm:test_efficientnet", classifier=None, layers=TINY_LAYERS,
+                    mid_layer=mid_layer,
                     weights=WeightsSource(filename="tiny.pth", sha256=hashlib.sha256(weights.read_bytes()).hexdigest()),
                     preprocess=Preprocess(input_size=32, resize=36, interpolation="bilinear",
                                           mean=IMAGENET_MEAN, std=IMAGENET_STD))
@@ -105,8 +106,9 @@ def project(tmp_path: Path) -> dict:
 
 def run(project: dict, out: Path | None = None, *, pin: bool = True, on_batch=None, report: Path | None = None,
         **params) -> dict:
-    """Run the stage on `project`. `pin`: a single candidate path (contiguous, the given precision), so
-    that runs are deterministic and skip the measurement; pin=False measures the real candidates.
+    """Run the stage on `project` (extract.layers: the default [pool, mid] unless given). `pin`: a single
+    candidate path (contiguous, the chosen precision), so that runs are deterministic and skip the
+    measurement; pin=False measures the real candidates.
     `report`: the previous extract.json that the previous output is checked against (None: unchecked)."""
     normalization = params.pop("normalization", "backbone")
     settings = {"batch_size": 4, "num_workers": 0, "precision": "float32", "compile": "off", **params}
@@ -117,8 +119,8 @@ def run(project: dict, out: Path | None = None, *, pin: bool = True, on_batch=No
                           params=ExtractParams(**settings), normalization=normalization)
 
 
-def pinned_paths(device: str, precision: str, capability: dict) -> tuple[list[ex.ComputePath], list[str]]:
-    return [ex.ComputePath(device, "float32" if precision == "auto" else precision, False)], []
+def pinned_paths(device: str, precision: str) -> list[ex.ComputePath]:
+    return [ex.ComputePath(device, precision, False)]
 
 
 def plain_features(project: dict, layers=("pool",), preprocess=None) -> dict[str, np.ndarray]:
@@ -221,6 +223,9 @@ def test_provenance_attributes_and_columns(project: dict) -> None:
     assert json.loads(attrs["classes"]) == ["ants", "bees"]
     assert json.loads(attrs["versions"])["torch"] == torch.__version__
     assert json.loads(attrs["tta"]) == ["none"] and attrs["tta_mode"] == "average"
+    assert attrs["precision_reason"] == report["precision_reason"] == "params: extract.precision float32"
+    assert json.loads(attrs["layer_aliases"]) == {"mid": "blocks.3"} == report["layer_aliases"]
+    assert json.loads(attrs["augment"]) == {"views": 0}
     assert [p.decode() if isinstance(p, bytes) else p for p in data["path"]] == [r for r, _ in rows]
     assert [s.decode() for s in data["sha256"]] == [s for _, s in rows]
     assert data["sha256"].dtype == np.dtype("S64") and data["labels"].dtype == np.int64
@@ -378,23 +383,6 @@ def test_adding_3_images_extracts_exactly_3_and_removed_ones_drop_out(project: d
     assert (report["computed"], report["dropped"], report["n_images"]) == (0, 2, 13)
 
 
-def test_auto_precision_keeps_the_reused_rows_precision(project: dict, monkeypatch) -> None:
-    """With 12 float32 rows to reuse and 3 new images, recomputing all 15 in bf16 cannot pay."""
-    run(project)
-    entries = list(project["entries"])
-    for i in range(12, 15):
-        rel = f"val/ants/new{i}.jpg"
-        entries.append((rel, save_image(project["raw"], rel, i)))
-    write_manifest(project["root"] / "data", entries)
-    both = [ex.ComputePath("cpu", "float32", False), ex.ComputePath("cpu", "bfloat16", False)]
-    monkeypatch.setattr(ex, "candidate_paths", lambda *args: (both, []))
-    report = ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
-                        manifest=project["manifest"], out=project["out"],
-                        params=ExtractParams(batch_size=4, num_workers=0, compile="off"))
-    assert (report["precision"], report["computed"], report["reused"]) == ("float32", 3, 12)
-    assert set(report["selection"]["measurements"]) == {"cpu+float32+contiguous", "cpu+bfloat16+contiguous"}
-
-
 def test_changed_provenance_recomputes_everything(project: dict) -> None:
     run(project)
     report = run(project, storage_dtype="float16")
@@ -441,26 +429,238 @@ def test_tta_hflip_average_and_rows(project: dict, tmp_path: Path) -> None:
                                (rows["features/pool"][0::2] + rows["features/pool"][1::2]) / 2, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------ layers: mid
+def test_mid_alias_is_stored_under_the_layer_name(project: dict) -> None:
+    report = run(project)  # the default extract.layers: [pool, mid]
+    data, attrs = read_h5(project["out"])
+    assert ExtractParams().layers == ("pool", "mid")
+    assert json.loads(attrs["layers"]) == ["pool", "blocks.3"] == report["layers"]
+    assert json.loads(attrs["layer_aliases"]) == {"mid": "blocks.3"}
+    assert "features/mid" not in data
+    np.testing.assert_allclose(data["features/blocks.3"], plain_features(project, ("blocks.3",))["blocks.3"], atol=1e-5)
+    # Naming the layer itself stores the same thing (and the alias still says which it is).
+    again = run(project, layers=["pool", "blocks.3", "mid"])
+    assert again["layers"] == ["pool", "blocks.3"] and again["computed"] == 0
+
+
+def test_mid_without_a_declared_mid_layer_is_skipped_with_a_warning(project: dict) -> None:
+    project = {**project, "backbone": tiny_backbone(project["weights"], mid_layer=None)}
+    report = run(project)
+    _, attrs = read_h5(project["out"])
+    assert json.loads(attrs["layers"]) == ["pool"] and json.loads(attrs["layer_aliases"]) == {}
+    assert "tiny declares no mid_layer: extract.layers 'mid' skipped" in report["warnings"][0]
+    with pytest.raises(ex.ExtractError, match=r"extract.layers \['mid'\] names no layer of tiny"):
+        run(project, layers=["mid"])
+
+
+# ------------------------------------------------------------------------------------ input size
+def test_input_size_changes_the_crop_and_is_recorded(project: dict, tmp_path: Path) -> None:
+    report = run(project, input_size=40, layers=["pool"])
+    data, attrs = read_h5(project["out"])
+    preprocess = json.loads(attrs["preprocess"])
+    assert (preprocess["input_size"], preprocess["resize"]) == (40, 45) == (
+        report["preprocess"]["input_size"], report["preprocess"]["resize"])
+    resized = dataclasses.replace(project["backbone"].preprocess, input_size=40, resize=45)
+    np.testing.assert_allclose(data["features/pool"], plain_features(project, preprocess=resized)["pool"], atol=1e-5)
+    assert run(project, input_size={"tiny": 40}, layers=["pool"])["computed"] == 0  # the same crop, by name
+    other = run(project, input_size={"resnet50": 40}, layers=["pool"])  # not this backbone: its own 32
+    assert other["computed"] == 12 and other["preprocess"]["input_size"] == 32
+    with pytest.raises(ParamError, match="extract.input_size must be null, an integer from 16 to 4096"):
+        parse_params({"extract": {"input_size": {"tiny": 4}}}, known_backbones=["tiny"])
+
+
+# ------------------------------------------------------------------------------------ augmented views
+def read_augmented(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    with h5py.File(path, "r") as h5:
+        return ({k: v[()] for k, v in h5["augmented"].items()}, h5["augmented_source"][()],
+                json.loads(h5.attrs["augment"]))
+
+
+def reference_view(project: dict, rel: str, sha: str, view: int, preprocess=None) -> np.ndarray:
+    """One augmented view computed by hand: the image's own seed, the spec's transform, the plain model."""
+    from torchvision.transforms import v2 as T
+
+    from stages.images import load_rgb
+
+    preprocess = preprocess or project["backbone"].preprocess
+    transform = T.Compose([T.ToImage(), T.RandomResizedCrop(preprocess.input_size, scale=(0.35, 1.0),
+                                                            interpolation=T.InterpolationMode(preprocess.interpolation),
+                                                            antialias=True),
+                           T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
+                           T.Normalize(list(preprocess.mean), list(preprocess.std))])
+    seed = int.from_bytes(hashlib.sha256(f"{sha}:{view}".encode()).digest()[:8], "little")
+    image, _ = load_rgb(project["raw"] / rel)
+    model = build_feature_model(project["backbone"], project["weights"])
+    torch.manual_seed(seed)
+    view_image = transform(image)
+    with torch.inference_mode():
+        return model(view_image[None])["pool"][0].numpy()
+
+
+def test_augmented_views_shapes_sources_and_values(project: dict) -> None:
+    report = run(project, augment_views=2)
+    data, attrs = read_h5(project["out"])
+    augmented, source, spec = read_augmented(project["out"])
+    splits = [s.decode() for s in data["split"]]
+    train = [i for i, split in enumerate(splits) if split == "train"]
+    assert data["features/pool"].shape == (12, 256)  # the main rows are unchanged
+    assert augmented["pool"].shape == (16, 256) and augmented["blocks.3"].shape == (16, 48)
+    assert source.dtype == np.int64 and source.tolist() == [i for i in train for _ in range(2)]
+    assert {splits[i] for i in source} == {"train"}
+    assert (spec["views"], spec["scale"]) == (2, [0.35, 1.0]) and "sha256" in spec["seed"]
+    assert report["augmented"] == {"views": 2, "rows": 16, "images": 8, "computed": 8, "reused": 0,
+                                   "reused_from": {"features": 0, "work_file": 0},
+                                   "seconds": report["augmented"]["seconds"],
+                                   "views_per_second": report["augmented"]["views_per_second"]}
+    rows = sorted(project["entries"])
+    for k in (0, 5):  # a view is neither the centre crop nor the other view, and is the seeded view
+        i, view = source[k], k % 2
+        assert not np.allclose(augmented["pool"][k], data["features/pool"][i], atol=1e-2)
+        np.testing.assert_allclose(augmented["pool"][k], reference_view(project, *rows[i], view), atol=1e-5)
+    assert not np.allclose(augmented["pool"][0], augmented["pool"][1], atol=1e-2)
+
+
+def test_augmented_views_are_deterministic_resumable_and_incremental(project: dict, tmp_path: Path) -> None:
+    reference = tmp_path / "reference.h5"
+    run(project, out=reference, augment_views=2, batch_size=4, num_workers=1)  # decoded in a worker process
+    with pytest.raises(Crash):  # 3 main batches, then 2 of the 4 augmented ones (2 images x 2 views each)
+        run(project, augment_views=2, batch_size=4, on_batch=crash_after(5))
+    assert ex.work_path_for(project["out"], augmented=True).exists()
+    report = run(project, augment_views=2, batch_size=4)
+    assert report["augmented"]["reused_from"] == {"features": 0, "work_file": 4}
+    assert report["augmented"]["computed"] == 4 and report["computed"] == 0
+    assert project["out"].read_bytes() == reference.read_bytes()
+    assert not ex.work_path_for(project["out"], augmented=True).exists()
+    before, before_source, _ = read_augmented(project["out"])
+    old = {(sha, k % 2): before["pool"][k]  # (image, view) -> row
+           for k, sha in enumerate(read_h5(project["out"])[0]["sha256"][before_source].tolist())}
+    # Manifest changes: 3 new train images, one train image gone: only the new ones get views computed.
+    entries = [e for e in project["entries"] if e[0] != "train/bees/img00.jpg"]
+    for i in range(12, 15):
+        rel = f"train/ants/new{i}.jpg"
+        entries.append((rel, save_image(project["raw"], rel, i)))
+    write_manifest(project["root"] / "data", entries)
+    report = run(project, augment_views=2, batch_size=4)
+    assert (report["augmented"]["computed"], report["augmented"]["reused"], report["augmented"]["rows"]) == (3, 7, 20)
+    data, _ = read_h5(project["out"])
+    after, source, _ = read_augmented(project["out"])
+    assert len(source) == 20 and {data["split"][i].decode() for i in source} == {"train"}
+    shas = data["sha256"][source].tolist()
+    assert sum(np.array_equal(after["pool"][k], old[sha, k % 2]) for k, sha in enumerate(shas)
+               if (sha, k % 2) in old) == 14
+    # Views off: the rows and the group go, the main rows stay.
+    report = run(project, batch_size=4)
+    with h5py.File(project["out"], "r") as h5:
+        assert "augmented" not in h5 and "augmented_source" not in h5 and json.loads(h5.attrs["augment"]) == {"views": 0}
+    assert report["computed"] == 0 and "augmented" not in report
+
+
 # ------------------------------------------------------------------------------------ path choice
-AVX512 = {"native_bfloat16": False, "native_float16": False}
+NO_BF16 = {"native_bfloat16": False, "native_float16": False, "avx512_bf16": False, "amx_bf16": False}
 
 
-def test_bf16_candidate_only_with_native_instructions() -> None:
-    paths, notes = ex.candidate_paths("cpu", "auto", AVX512)
-    assert [p.name for p in paths] == ["cpu+float32+channels_last", "cpu+float32+contiguous"]
-    assert "bfloat16 left out" in notes[0]
-    paths, _ = ex.candidate_paths("cpu", "auto", {"native_bfloat16": True, "native_float16": False})
-    assert {p.precision for p in paths} == {"float32", "bfloat16"} and len(paths) == 4
-    paths, notes = ex.candidate_paths("cpu", "bfloat16", AVX512)
-    assert {p.precision for p in paths} == {"bfloat16"} and "forced" in notes[0]
+def test_precision_comes_from_params_or_capability_alone() -> None:
+    assert ex.choose_precision("auto", device="cpu", capability=NO_BF16) == ("float32", "no native bf16: float32")
+    avx512_bf16 = {**NO_BF16, "native_bfloat16": True, "avx512_bf16": True}
+    assert ex.choose_precision("auto", device="cpu", capability=avx512_bf16) == ("bfloat16", "capability: avx512_bf16")
+    amx = {**NO_BF16, "native_bfloat16": True, "amx_bf16": True}
+    assert ex.choose_precision("auto", device="cpu", capability=amx) == ("bfloat16", "capability: amx_bf16")
+    arm = {**NO_BF16, "native_bfloat16": True}  # aarch64 `bf16` in /proc/cpuinfo
+    assert ex.choose_precision("auto", device="cpu", capability=arm) == ("bfloat16", "capability: bf16")
+    native_fp16 = {**NO_BF16, "native_float16": True}  # fp16 on CPU only when asked for
+    assert ex.choose_precision("auto", device="cpu", capability=native_fp16)[0] == "float32"
+    assert ex.choose_precision("auto", device="cuda", capability={"cuda_bf16": True})[0] == "bfloat16"
+    assert ex.choose_precision("auto", device="cuda", capability={"cuda_bf16": False})[0] == "float16"
+    precision, reason = ex.choose_precision("bfloat16", device="cpu", capability=NO_BF16)
+    assert precision == "bfloat16" and reason.startswith("params: extract.precision bfloat16") and "slower" in reason
+    assert ex.choose_precision("float32", device="cpu", capability=avx512_bf16) == (
+        "float32", "params: extract.precision float32")
 
 
-def test_choose_path_weighs_speed_against_reusable_rows() -> None:
-    fp32, bf16 = ex.ComputePath("cpu", "float32", True), ex.ComputePath("cpu", "bfloat16", True)
-    rates = {fp32.name: 50.0, bf16.name: 150.0}
-    assert ex.choose_path([fp32, bf16], rates, to_compute={"float32": 1000, "bfloat16": 1000}) == bf16
-    # 990 fp32 rows can be reused: computing 10 at fp32 beats recomputing 1000 at bf16.
-    assert ex.choose_path([fp32, bf16], rates, to_compute={"float32": 10, "bfloat16": 1000}) == fp32
+def test_candidates_differ_only_in_numerics_neutral_options() -> None:
+    for precision in ("float32", "bfloat16"):
+        paths = ex.candidate_paths("cpu", precision)
+        assert [p.name for p in paths] == [f"cpu+{precision}+contiguous", f"cpu+{precision}+channels_last"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_choose_path_on_fake_timings_never_changes_precision_nor_loses_to_the_baseline(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for precision in ("float32", "bfloat16"):
+        candidates = ex.candidate_paths("cpu", precision)
+        rates = {c.name: float(rng.uniform(1, 100)) for c in candidates}
+        rates["cpu+float32+contiguous"] = float(rng.uniform(1, 1000))  # eager fp32: any speed at all
+        chosen = ex.choose_path(candidates, rates)
+        assert chosen.precision == precision
+        assert rates[chosen.name] >= rates[candidates[0].name]  # never slower than the baseline (eager fp32 at fp32)
+        if chosen != candidates[0]:
+            assert rates[chosen.name] > 1.1 * rates[candidates[0].name]
+    with pytest.raises(ValueError, match="differ in precision"):
+        ex.choose_path([ex.ComputePath("cpu", "float32", False), ex.ComputePath("cpu", "bfloat16", False)],
+                       {"cpu+float32+contiguous": 1.0, "cpu+bfloat16+contiguous": 100.0})
+
+
+def fake_measure(fast: str):
+    """measure_paths with fake timings: the path named `fast` at 1000 images/s, every other at 10."""
+    def measure(model, batches, candidates, *, views):
+        outputs = {c.name: ex.forward_features(model, batches[0][:2], path=c, views=views) for c in candidates}
+        stats = {c.name: {"images_per_second": 1000.0 if c.name == fast else 10.0,
+                          "runs": [{"images": 2, "seconds": 0.002 if c.name == fast else 0.2}]} for c in candidates}
+        return stats, outputs
+    return measure
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_stored_precision_never_depends_on_timings(project: dict, monkeypatch, native_bf16: bool) -> None:
+    """Whatever the stopwatch says (fp32 or bf16 far faster), the stored dtype follows the capability."""
+    capability = {**ex.read_cpu_capability(), "native_bfloat16": native_bf16, "avx512_bf16": native_bf16}
+    monkeypatch.setattr(ex, "read_capability", lambda device: capability)
+    expected = "bfloat16" if native_bf16 else "float32"
+    features = []
+    for fast in ("cpu+float32+contiguous", f"cpu+{expected}+channels_last", "cpu+bfloat16+contiguous"):
+        monkeypatch.setattr(ex, "measure_paths", fake_measure(fast))
+        out = project["root"] / f"{fast}.h5"
+        report = run(project, out=out, pin=False, precision="auto", layers=["pool"])
+        _, attrs = read_h5(out)
+        assert report["precision"] == attrs["precision"] == expected
+        assert attrs["precision_reason"] == report["precision_reason"] == (
+            "capability: avx512_bf16" if native_bf16 else "no native bf16: float32")
+        assert set(report["selection"]["measurements"]) >= {"cpu+float32+contiguous"}  # eager fp32 always measured
+        if expected == "float32" or fast != "cpu+float32+contiguous":
+            assert "slower_than_eager_float32" not in report["selection"]
+        else:
+            assert "set extract.precision: float32" in report["selection"]["slower_than_eager_float32"]
+        features.append(read_h5(out)[0]["features/pool"])
+    np.testing.assert_allclose(features[0], features[1], rtol=0, atol=0.05 * np.abs(features[0]).max())
+
+
+def test_auto_precision_does_not_follow_reusable_rows(project: dict) -> None:
+    """Rows stored in bf16 (forced) are not kept by `auto` on a CPU without native bf16: it stores float32."""
+    run(project, precision="bfloat16", layers=["pool"])
+    report = run(project, precision="auto", layers=["pool"])
+    if ex.read_cpu_capability()["native_bfloat16"]:
+        pytest.skip("this CPU has native bf16: auto is bfloat16 here")
+    assert (report["precision"], report["computed"], report["reused"]) == ("float32", 12, 0)
+
+
+def test_compile_pays_only_when_its_cost_is_charged_against_the_images_left(project: dict, monkeypatch) -> None:
+    """A compile taking 1 s that runs no faster than eager is dropped (auto), kept only when forced (on)."""
+    model = build_feature_model(project["backbone"], project["weights"])
+
+    def slow_compile(module):
+        time.sleep(1.0)
+        return module
+
+    monkeypatch.setattr(ex, "compile_model", slow_compile)
+    path, batch = ex.ComputePath("cpu", "float32", False), torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        kept, compiled, trial = ex.try_compile(model, path, [batch], mode="auto", eager_rate=0.01, n_todo=1,
+                                               views=("none",), batch_size=4)  # eager_rate: past the trial gate
+        assert (kept, compiled, trial["kept"]) == (path, None, False)
+        assert trial["estimated_seconds_left"]["compiled"] > trial["estimated_seconds_left"]["eager"] + 0.5
+        forced, compiled, trial = ex.try_compile(model, path, [batch], mode="on", eager_rate=None, n_todo=12,
+                                                 views=("none",), batch_size=4)
+    assert forced.compile and compiled is model and trial["kept"]
 
 
 def test_choose_threads_measures_all_and_half_the_cores(project: dict) -> None:

@@ -36,16 +36,16 @@ def ray_local():
     ray.shutdown()
 
 
-def channels_last_fp32(device: str, precision: str, capability: dict) -> tuple[list[ex.ComputePath], list[str]]:
-    """The local engine pinned to the Ray engine's CPU path (no measurement): float32, channels_last."""
-    return [ex.ComputePath(device, "float32", True)], []
+def channels_last(device: str, precision: str) -> list[ex.ComputePath]:
+    """The local engine pinned to the Ray engine's path (no measurement): channels_last at the chosen precision."""
+    return [ex.ComputePath(device, precision, True)]
 
 
 def run(project: dict, out: Path, *, engine: str, on_batch=None, **params) -> dict:
     """The stage through stages.extract.extract (which dispatches on extract.engine)."""
     settings = {**SETTINGS, **params, "engine": engine}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    with mock.patch.object(ex, "candidate_paths", channels_last_fp32), \
+    with mock.patch.object(ex, "candidate_paths", channels_last), \
             mock.patch.object(hardware, "available_cores", lambda: 1):
         return ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
                           manifest=project["manifest"], out=out, params=ExtractParams(**settings),
@@ -120,6 +120,44 @@ def test_resume_after_an_interrupted_ray_run_then_only_new_images(project: dict,
     again = run(project, tmp_path / "ray.h5", engine="ray")
     assert again["computed"] == 0 and again["images_per_second"] is None
     assert again["features_sha256"] == report["features_sha256"]
+
+
+@needs_ray
+def test_ray_engine_writes_the_local_engines_augmented_views(project: dict, ray_local, tmp_path: Path) -> None:
+    """Augmented views on Ray: the local engine's bytes, then only a new train image's views are computed."""
+    local = run(project, tmp_path / "local.h5", engine="local", augment_views=2, layers=["pool"])
+    report = run(project, tmp_path / "ray.h5", engine="ray", augment_views=2, layers=["pool"])
+    assert sha(tmp_path / "ray.h5") == sha(tmp_path / "local.h5")
+    assert report["augmented"]["rows"] == local["augmented"]["rows"] == 16
+    assert report["augmented"]["computed"] == 8 and report["ray"]["augmented"]["batches"] == 4
+    assert report["precision"] == "float32" and report["precision_reason"] == "params: extract.precision float32"
+    entries = project["entries"] + [("train/ants/new.jpg", save_image(project["raw"], "train/ants/new.jpg", 77))]
+    write_manifest(project["root"] / "data", entries)
+    again = run(project, tmp_path / "ray.h5", engine="ray", augment_views=2, layers=["pool"])
+    assert (again["computed"], again["augmented"]["computed"], again["augmented"]["reused"]) == (1, 1, 8)
+
+
+def test_ray_precision_follows_the_local_rule_not_a_timing() -> None:
+    """`auto` asks a worker like the actors for its hardware and applies stages.extract.choose_precision."""
+    class FakeRay:
+        def __init__(self, capability: dict) -> None:
+            self.capability = capability
+
+        def remote(self, **resources):
+            return lambda fn: mock.Mock(remote=lambda device: (resources, device))
+
+        def get(self, ref):
+            return self.capability
+
+    cpu = extract_ray.ActorPlan("cpu", 1, 0.0, 1.0, 1, 1.0)
+    gpu = extract_ray.ActorPlan("cuda", 1, 1.0, 1.0, 1, 1.0)
+    no_bf16 = {"native_bfloat16": False, "native_float16": False}
+    assert extract_ray.actor_precision(FakeRay(no_bf16), cpu, "auto") == ("float32", "no native bf16: float32")
+    assert extract_ray.actor_precision(FakeRay({"native_bfloat16": True, "avx512_bf16": True}), cpu, "auto") == (
+        "bfloat16", "capability: avx512_bf16")
+    assert extract_ray.actor_precision(FakeRay({"cuda_bf16": False}), gpu, "auto")[0] == "float16"
+    assert extract_ray.actor_precision(FakeRay(no_bf16), cpu, "float32") == ("float32",
+                                                                              "params: extract.precision float32")
 
 
 @needs_ray
