@@ -11,9 +11,15 @@ Outputs (all written atomically):
   warnings (non-JPEG formats, converted colour modes, EXIF rotations, ...) and the normalization each
   backbone will use.
 
-Split folders (train, val/valid/validation, test) are kept; without them the split is stratified per class
-from (val_fraction, test_fraction, seed), keeping identical files together. The same file in two split
-folders is kept in the first of train, val, test only (no leakage).
+Splits. The evaluation protocol (stages/evaluation.py) reports only the held-out split, test when the manifest has
+test rows, else val, and selects by cross-validation on the rest, so val is optional and a held-out split is not.
+Split folders (train, val/valid/validation, test) are kept. A split without a folder is drawn from train, per class
+(round half up of its distinct files x the fraction), seeded by (seed, class), keeping identical files together:
+val when val_fraction > 0; test when test_fraction > 0 and the dataset has neither a val/ nor a test/ folder. The
+defaults (val_fraction 0, test_fraction 0.2) give a `<class>/<image>` tree train + a held-out test split; a
+train/val tree (hymenoptera) stays as it is, val held out. With no val/ or test/ folder and both fractions 0 nothing
+would be held out: an error. The same file in two split folders is kept in the first of train, val, test only
+(no leakage).
 """
 from __future__ import annotations
 
@@ -230,6 +236,28 @@ def stratified_split(groups: Sequence[tuple[str, str]], *, val_fraction: float, 
     return assignment
 
 
+def drawn_splits(split_folders: Sequence[str], params: PrepareParams) -> tuple[str, ...]:
+    """The splits stratified out of train: val when it has no folder and val_fraction > 0; test when
+    test_fraction > 0 and there is no folder to hold out (neither val/ nor test/)."""
+    drawn = []
+    if "val" not in split_folders and params.val_fraction > 0:
+        drawn.append("val")
+    if not {"val", "test"} & set(split_folders) and params.test_fraction > 0:
+        drawn.append("test")
+    return tuple(drawn)
+
+
+def check_heldout(split_folders: Sequence[str], params: PrepareParams, *, raw: Path) -> None:
+    """Raise PrepareError when neither val nor test would exist: no folder for them and nothing to draw."""
+    if {"val", "test"} & set(split_folders) or drawn_splits(split_folders, params):
+        return
+    layout = f"split folders: {', '.join(split_folders)}" if split_folders else "no split folders"
+    raise PrepareError(
+        f"{raw}: nothing would be held out for evaluation: the dataset has no val/ or test/ folder ({layout}) and "
+        f"prepare.test_fraction and prepare.val_fraction are both 0. Set prepare.test_fraction in params.yaml, "
+        f"e.g. `test_fraction: 0.2` (a stratified held-out test split), or add a test/ folder to the dataset.")
+
+
 def assign_splits(records: Sequence[tuple[Candidate, Decoded]], *, split_folders: Sequence[str],
                   params: PrepareParams) -> tuple[dict[str, str], list[dict[str, Any]], str]:
     """Split the decodable images; return ({path: split}, duplicate groups, how the split was made).
@@ -254,8 +282,7 @@ def assign_splits(records: Sequence[tuple[Candidate, Decoded]], *, split_folders
                                "kept": [p for p in paths if p in splits],
                                "dropped": [p for p in paths if p not in splits]})
     method = "folders" if split_folders else "stratified"
-    drawn = [s for s in ("val", "test") if s not in split_folders
-             and (params.val_fraction if s == "val" else params.test_fraction) > 0]
+    drawn = drawn_splits(split_folders, params)
     if drawn:  # no folder for this split: draw it from train, stratified, identical files together
         groups = [(digest, members[0][0].cls) for digest, members in by_hash.items()
                   if splits.get(members[0][0].path) == "train"]
@@ -348,6 +375,7 @@ def prepare_dataset(raw: Path, params: Params, *, num_workers: int) -> Prepared:
     """Scan, decode, quarantine, split, de-duplicate and measure `raw`; raise PrepareError when unusable."""
     p = params.prepare
     scan = scan_tree(raw)
+    check_heldout(scan.split_folders, p, raw=raw)  # before decoding: it depends on the layout and params only
     decoded = decode_all(raw, [c.path for c in scan.candidates], stats_size=p.stats_size,
                          num_workers=num_workers)
     quarantine = [{"path": r["path"], "class": r.get("class"), "split": r.get("split"), "sha256": None,
@@ -371,12 +399,15 @@ def prepare_dataset(raw: Path, params: Params, *, num_workers: int) -> Prepared:
     kept = [(c, d) for c, d in valid if c.path in splits]
 
     counts = {s: Counter(c.cls for c, _ in kept if splits[c.path] == s) for s in SPLITS}
-    required = {"train", "val"} | set(scan.split_folders) | ({"test"} if p.test_fraction > 0 else set())
+    drawn = drawn_splits(scan.split_folders, p)
+    required = {"train"} | set(scan.split_folders) | set(drawn)
     for split in SPLITS:
         if split in required and not counts[split]:
+            fix = (f"Add images, or raise prepare.{split}_fraction (each class gives round-half-up(its distinct "
+                   f"files x {split}_fraction) to {split})" if split in drawn else "Add images")
             raise PrepareError(
                 f"{raw}: the {split} split has no images ({len(valid)} valid images in all, {len(quarantine)} "
-                f"quarantined; split from {method}). Add images, or raise prepare.val_fraction / test_fraction.")
+                f"quarantined; split from {method}). {fix}.")
     no_train = [c for c in classes if not counts["train"][c]]
     if no_train:
         raise PrepareError(f"{raw}: class(es) {no_train} have no valid training images; every class needs "

@@ -17,8 +17,8 @@ from PIL import Image
 from stages import prepare
 from stages.backbones import LITE_MEAN, LITE_STD
 from stages.images import load_rgb, read_manifest, stats_transform
-from stages.params import parse_params
-from stages.prepare import PrepareError, prepare_dataset, stratified_split
+from stages.params import PrepareParams, parse_params
+from stages.prepare import PrepareError, manifest_csv, prepare_dataset, stratified_split
 
 BACKBONES = ["efficientnet_lite0"]
 
@@ -244,12 +244,90 @@ def test_missing_val_folder_is_drawn_from_train(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("per_class, kwargs, match", [
     ({"only": 5}, {}, r"found 1 class folder\(s\) \['only'\]; a classifier needs at least 2"),
-    ({"a": 3, "b": 3}, {"val_fraction": 0.0}, "the val split has no images"),
+    # round(2 x 0.2) = 0 test images per class: the held-out split would be empty
+    ({"a": 2, "b": 2}, {}, r"the test split has no images \(4 valid images in all, 0 quarantined; split from "
+                           r"stratified\)\. Add images, or raise prepare\.test_fraction"),
+    ({"a": 3, "b": 3}, {"val_fraction": 0.5, "test_fraction": 0.0}, None),  # val held out: fine
 ])
 def test_unusable_datasets_fail_clearly(tmp_path: Path, per_class, kwargs, match) -> None:
     class_tree(tmp_path / "raw", per_class)
+    if match is None:
+        prepared = prepare_dataset(tmp_path / "raw", make_params(stats_size=8, **kwargs), num_workers=0)
+        assert prepared.summary["splits"]["val"]["total"] == 4 and prepared.summary["splits"]["test"]["total"] == 0
+        return
     with pytest.raises(PrepareError, match=match):
         prepare_dataset(tmp_path / "raw", make_params(stats_size=8, **kwargs), num_workers=0)
+
+
+def test_default_split_is_train_and_a_stratified_held_out_test(tmp_path: Path) -> None:
+    assert (PrepareParams().val_fraction, PrepareParams().test_fraction) == (0.0, 0.2)
+    raw = tmp_path / "raw"
+    class_tree(raw, {"a": 10, "b": 13})
+    for i in range(3):  # b/000..002 each have an identical copy: 13 distinct files in b, 16 files
+        write_bytes(raw / "b" / "copies" / f"{i:03d}.png", (raw / "b" / f"{i:03d}.png").read_bytes())
+    runs = [prepare_dataset(raw, make_params(stats_size=8), num_workers=0) for _ in range(2)]
+    prepared = runs[0]
+    # round half up per class over distinct files: a 2 (10 x 0.2), b 3 (13 x 0.2 = 2.6); copies follow their twin
+    split = {r["path"]: r["split"] for r in prepared.manifest}
+    assert all(split[f"b/copies/{i:03d}.png"] == split[f"b/{i:03d}.png"] for i in range(3))
+    distinct = Counter((r["class"], r["split"]) for r in prepared.manifest if "/copies/" not in r["path"])
+    assert distinct == {("a", "train"): 8, ("a", "test"): 2, ("b", "train"): 10, ("b", "test"): 3}
+    totals = {s: v["total"] for s, v in prepared.summary["splits"].items()}
+    assert totals["val"] == 0 and totals["train"] + totals["test"] == 26
+    assert prepared.summary["split_method"] == "stratified"
+    assert prepared.summary["n_duplicates"] == 3 and prepared.summary["n_duplicates_dropped"] == 0
+    assert runs[1].manifest == prepared.manifest  # deterministic
+    assert manifest_csv(runs[1].manifest) == manifest_csv(prepared.manifest)
+
+
+def test_train_val_folders_keep_val_as_the_held_out_split(tmp_path: Path) -> None:
+    """hymenoptera's layout: the default test_fraction draws nothing, val stays the held-out split."""
+    raw = tmp_path / "raw"
+    class_tree(raw / "train", {"a": 10, "b": 10})
+    class_tree(raw / "val", {"a": 3, "b": 3}, offset=1)
+    prepared = prepare_dataset(raw, make_params(stats_size=8), num_workers=0)
+    assert {s: v["total"] for s, v in prepared.summary["splits"].items()} == {"train": 20, "val": 6, "test": 0}
+    assert prepared.summary["split_method"] == "folders"
+    assert all(r["split"] == r["path"].split("/")[0] for r in prepared.manifest)
+
+
+def test_train_folder_alone_gets_a_held_out_test_split(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    class_tree(raw / "train", {"a": 10, "b": 5})
+    prepared = prepare_dataset(raw, make_params(stats_size=8), num_workers=0)
+    assert prepared.summary["splits"]["test"] == {"total": 3, "a": 2, "b": 1}
+    assert prepared.summary["splits"]["val"]["total"] == 0
+    assert prepared.summary["split_method"] == "folders (train); test drawn from train, stratified"
+
+
+def test_a_class_too_small_for_the_held_out_split_stays_in_train_with_a_warning(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    class_tree(raw, {"a": 10, "b": 2})  # b: round(2 x 0.2) = 0 test images
+    prepared = prepare_dataset(raw, make_params(stats_size=8), num_workers=0)
+    assert prepared.summary["splits"]["test"] == {"total": 2, "a": 2, "b": 0}
+    assert {"path": None, "issues": ["class(es) ['b'] have no test images"]} in prepared.summary["warnings"]
+
+
+@pytest.mark.parametrize("folders", [(), ("train",)])
+def test_nothing_held_out_is_an_error_naming_test_fraction(tmp_path: Path, monkeypatch, folders) -> None:
+    raw = tmp_path / "raw"
+    class_tree(raw.joinpath(*folders), {"a": 5, "b": 5})
+    monkeypatch.setattr(prepare, "decode_all", lambda *a, **k: pytest.fail("decoded before the layout check"))
+    layout = "split folders: train" if folders else "no split folders"
+    with pytest.raises(PrepareError, match=re.escape(
+            f"{raw}: nothing would be held out for evaluation: the dataset has no val/ or test/ folder ({layout}) "
+            f"and prepare.test_fraction and prepare.val_fraction are both 0. Set prepare.test_fraction in "
+            f"params.yaml, e.g. `test_fraction: 0.2` (a stratified held-out test split), or add a test/ folder "
+            f"to the dataset.")):
+        prepare_dataset(raw, make_params(stats_size=8, val_fraction=0.0, test_fraction=0.0), num_workers=0)
+
+
+def test_both_fractions_zero_is_fine_with_a_test_or_val_folder(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    class_tree(raw / "train", {"a": 4, "b": 4})
+    class_tree(raw / "test", {"a": 1, "b": 1}, offset=1)
+    prepared = prepare_dataset(raw, make_params(stats_size=8, val_fraction=0.0, test_fraction=0.0), num_workers=0)
+    assert {s: v["total"] for s, v in prepared.summary["splits"].items()} == {"train": 8, "val": 0, "test": 2}
 
 
 def test_empty_split_folder_and_mixed_layout_fail(tmp_path: Path) -> None:
