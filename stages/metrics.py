@@ -1,7 +1,8 @@
 """Classification metrics shared by the head and fine-tune stages, so both write the same keys.
 
 `classification_metrics(probs, labels, classes)` -> {"accuracy", "mean_class_accuracy", "macro_f1", "log_loss",
-"ece", "per_class": {class: {"precision", "recall"}}, "n"}: flat enough for `dvc metrics diff` (val.accuracy, ...).
+"ece", "per_class": {class: {"precision", "recall"}}, "n", "correct", "accuracy_ci_low", "accuracy_ci_high"}: flat
+enough for `dvc metrics diff` (val.accuracy, ...), which then prints the 95% interval beside the accuracy's change.
 """
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
+
+CONFIDENCE = 0.95
+
+
+def accuracy_interval(correct: int, n: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of an accuracy of `correct` out of `n` images (scipy's binomtest); (0, 1) for n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    interval = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, *, n_bins: int = 15) -> float:
@@ -36,8 +48,13 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=every, zero_division=0)
     present = support > 0
+    correct = int(np.sum(predicted == labels))
+    low, high = accuracy_interval(correct, len(labels))
     return {
         "accuracy": float(accuracy_score(labels, predicted)),
+        "accuracy_ci_low": low,
+        "accuracy_ci_high": high,
+        "correct": correct,
         "mean_class_accuracy": float(recall[present].mean()),
         "macro_f1": float(f1[present].mean()),
         "log_loss": float(log_loss(labels, probs, labels=every)),

@@ -14,9 +14,12 @@ loaded with `torch.load(weights_only=True)` only; nothing pickled is ever execut
                       "resize", "interpolation", "mean", "std"}, as the features file recorded it), "tta"
                       (views whose features are averaged: "none", "hflip"), "precision" (the extract dtype)}
     backbone_state   {key: tensor}: state dict of the backbone with its classifier replaced by nn.Identity
-    layer            the probed layer ("pool" or a module name, global-average-pooled)
+    layers           the probed layers ("pool" or module names, global-average-pooled), concatenated in this order
+                     (format_version 1 had one "layer")
     classes          class names; output column k is classes[k]
     head             {"kind", "type": "linear" | "rbf_svm", "output": "softmax" | "platt", float64 tensors}
+                     optional "l2_blocks" [D_1, ...]: each layer's block of the features is first scaled to
+                              L2 norm sqrt(D_i) (head.normalization l2, l2+standardize)
                      linear:  "weight" [K', D], "bias" [K'] (feature standardization folded in)
                      rbf_svm: "mean" [D], "scale" [D], "support_vectors" [S, D], "dual_coef" [S, P] (one column
                               per one-vs-one pair (i, j), i < j, in scikit-learn order), "intercept" [P],
@@ -47,7 +50,8 @@ from stages.io import progress, setup_logging
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PREPROCESS_KEYS = ("input_size", "resize", "interpolation", "mean", "std")
 
 
@@ -56,6 +60,21 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ heads
+class L2Blocks(nn.Module):
+    """x [B, sum D_i] -> each block of D_i columns scaled to L2 norm sqrt(D_i) (stages.evaluation.normalize_blocks)."""
+
+    def __init__(self, dims: Sequence[int]) -> None:
+        super().__init__()
+        self.dims = [int(d) for d in dims]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != sum(self.dims):
+            raise ExportError(f"l2_blocks {self.dims} need {sum(self.dims)} features; got {x.shape[1]}")
+        blocks = torch.split(x.double(), self.dims, dim=1)
+        return torch.cat([b * (b.shape[1] ** 0.5 / b.norm(dim=1, keepdim=True).clamp_min(1e-12)) for b in blocks],
+                         dim=1)
+
+
 class LinearHead(nn.Module):
     """Scores [B, K'] = x [B, D] @ weight.T + bias, in float64 (standardization already folded in)."""
 
@@ -150,6 +169,8 @@ def build_head(spec: dict[str, Any]) -> nn.Module:
                                 n_classes=spec["n_classes"])
         else:
             raise ExportError(f"head type must be 'linear' or 'rbf_svm'; got {kind!r}")
+        if spec.get("l2_blocks"):
+            scorer = nn.Sequential(L2Blocks(spec["l2_blocks"]), scorer)
         output = spec.get("output", "softmax")
         if output == "softmax":
             return nn.Sequential(scorer, SoftmaxOutput())
@@ -169,27 +190,28 @@ class ExportedClassifier(nn.Module):
     `stages.images.eval_dataset(root, paths, labels, self.preprocess)`, the extract stage's preprocessing.
     """
 
-    def __init__(self, features: FeatureModel, head: nn.Module, *, layer: str, classes: Sequence[str],
+    def __init__(self, features: FeatureModel, head: nn.Module, *, layers: Sequence[str], classes: Sequence[str],
                  preprocess: Preprocess, tta: Sequence[str] = ("none",), precision: str = "float32",
                  name: str = "") -> None:
         super().__init__()
         self.name = name
         self.features = features.eval()
         self.head = head
-        self.layer = layer
+        self.layers = tuple(layers)
         self.classes = list(classes)
         self.preprocess = preprocess
         self.tta = tuple(tta)
         self.precision = precision
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Features [B, D] (float32) of `self.layer`, averaged over the TTA views."""
+        """Features [B, D] (float32): `self.layers` concatenated, each averaged over the TTA views."""
         views = [images.flip(-1) if view == "hflip" else images for view in self.tta] or [images]
         dtype = DTYPES.get(self.precision, torch.float32)
         total = None
         for view in views:
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = self.features(view)[self.layer].float()
+                outputs = self.features(view)
+            out = torch.cat([outputs[layer].float() for layer in self.layers], dim=1)
             total = out if total is None else total + out
         return total / len(views)
 
@@ -209,11 +231,12 @@ def _preprocess_from(spec: dict[str, Any]) -> Preprocess:
 def classifier_from_export(export: dict[str, Any]) -> ExportedClassifier:
     """Rebuild an ExportedClassifier (eval mode, CPU) from the dict `torch.load` returned."""
     version = export.get("format_version") if isinstance(export, dict) else None
-    if version != FORMAT_VERSION:
-        raise ExportError(f"format_version is {version!r}, this code reads {FORMAT_VERSION}; "
+    if version not in READABLE_VERSIONS:
+        raise ExportError(f"format_version is {version!r}, this code reads {READABLE_VERSIONS}; "
                           f"re-run the head stage (`dvc repro head`) to export again")
     try:
-        spec, state, layer = export["backbone"], export["backbone_state"], export["layer"]
+        spec, state = export["backbone"], export["backbone_state"]
+        layers = list(export["layers"]) if version >= 2 else [export["layer"]]
         classes, head_spec = export["classes"], export["head"]
     except KeyError as exc:
         raise ExportError(f"the export lacks {exc}") from None
@@ -221,14 +244,14 @@ def classifier_from_export(export: dict[str, Any]) -> ExportedClassifier:
     backbone = Backbone(name=spec["name"], arch=spec["arch"], weights=WeightsSource(filename=""),
                         preprocess=preprocess, classifier=spec["classifier"],
                         build_kwargs=dict(spec.get("build_kwargs") or {}))
-    features = FeatureModel(build_model(backbone), spec["classifier"], (layer,))
+    features = FeatureModel(build_model(backbone), spec["classifier"], tuple(layers))
     try:
         features.model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ExportError(f"backbone_state does not fit {spec['arch']}: {exc}") from None
     for parameter in features.parameters():
         parameter.requires_grad_(False)
-    return ExportedClassifier(features, build_head(head_spec), layer=layer, classes=classes,
+    return ExportedClassifier(features, build_head(head_spec), layers=layers, classes=classes,
                               preprocess=preprocess, tta=spec.get("tta") or ("none",),
                               precision=spec.get("precision") or "float32", name=spec["name"]).eval()
 

@@ -63,7 +63,11 @@ def test_dvc_repro_end_to_end_then_only_head_reruns(tmp_path: Path) -> None:
             "head@efficientnet_lite0", "report"} <= stages_run(first)
 
     metrics = json.loads((tmp_path / "reports/efficientnet_lite0/metrics.json").read_text())
-    assert metrics["val"]["accuracy"] >= 0.90, metrics["val"]
+    assert metrics["heldout_split"] == "val" and metrics["selection"]["split"] == "train"  # val is held out
+    heldout = metrics["heldout"]
+    assert heldout["n"] == 153 and heldout["accuracy"] >= 0.90, heldout
+    assert heldout["accuracy_ci_low"] < heldout["accuracy"] < heldout["accuracy_ci_high"]
+    assert (tmp_path / "models/efficientnet_lite0/MODEL_CARD.md").is_file()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], tmp_path, env))
     assert "reports/efficientnet_lite0/metrics.json" in json.dumps(shown)
 
@@ -79,4 +83,4 @@ def test_dvc_repro_end_to_end_then_only_head_reruns(tmp_path: Path) -> None:
     assert not {s for s in again if s.startswith(("extract@", "weights@", "prepare", "data"))}, again
     metrics = json.loads((tmp_path / "reports/efficientnet_lite0/metrics.json").read_text())
     assert metrics["C"] == 0.5
-    assert metrics["val"]["accuracy"] >= 0.90
+    assert metrics["heldout"]["accuracy"] >= 0.90

@@ -335,7 +335,7 @@ def pinned_reference(repo: Repo, path_name: str, threads: int, out: Path) -> Pat
     params = load_params(repo.path("params.yaml"))
     threads_before = torch.get_num_threads()
     try:
-        with mock.patch.object(ex, "candidate_paths", lambda *a, **k: ([pinned], [])), \
+        with mock.patch.object(ex, "candidate_paths", lambda *a, **k: [pinned]), \
                 mock.patch.object(hardware, "available_cores", lambda: threads), \
                 mock.patch.object(ex, "choose_threads", lambda *a, **k: (threads, {str(threads): 1.0})):
             ex.extract(backbone=get_backbone(LITE0), weights=repo.path(f"models/pretrained/{LITE0}.pth"),
@@ -796,7 +796,7 @@ def test_two_dvc_repro_at_once_one_fails_cleanly_and_outputs_equal_a_single_run(
                 f"reports/{LITE0}/plots/calibration.json", f"models/{LITE0}/classifier.pt"):
         assert repo.path(rel).read_bytes() == baseline.path(rel).read_bytes(), rel
     metrics = [json.loads(r.path(f"reports/{LITE0}/metrics.json").read_text()) for r in (repo, baseline)]
-    assert metrics[0]["val"] == metrics[1]["val"] and metrics[0]["features"] == metrics[1]["features"]
+    assert metrics[0]["heldout"] == metrics[1]["heldout"] and metrics[0]["features"] == metrics[1]["features"]
     exports = [torch.load(r.path(f"models/{LITE0}/classifier.pt"), weights_only=True) for r in (repo, baseline)]
     assert all(torch.equal(exports[0]["head"][k], v) for k, v in exports[1]["head"].items()
                if isinstance(v, torch.Tensor))

@@ -1,8 +1,10 @@
-"""stages.head: every head kind, C sweep, calibration metrics, exported head == trained head, provenance checks,
-and the stage end to end on a tiny backbone (metrics, layers, errors.csv, plots, classifier.pt)."""
+"""stages.head: every head kind and normalization, the selection protocol (poisoned held-out labels change no
+choice), k-NN and few-shot, exported head == trained head, provenance checks, and the stage end to end on a tiny
+backbone (metrics, predictions, errors.csv, plots, classifier.pt)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from stages import evaluation
 from stages import head as hd
 from stages.backbones import (IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocess, WeightsSource, build_feature_model,
                               build_model)
@@ -44,16 +47,26 @@ def blobs(n_per_class: int, n_classes: int, dim: int, *, seed: int, spread: floa
 
 
 # ------------------------------------------------------------------------------------------------ heads
+def arrays(x: np.ndarray, y: np.ndarray, split: str = "train", layer: str = "pool") -> hd.Dataset:
+    return hd.Dataset.from_arrays({layer: x}, y, [split] * len(y))
+
+
+def fit(x: np.ndarray, y: np.ndarray, kind: str, C: float, normalization: str = "standardize",
+        max_iter: int = 2000) -> hd.Probe:
+    return hd.fit_candidate(arrays(x, y), np.arange(len(y)), hd.Candidate(kind, ("pool",), normalization, C),
+                            max_iter=max_iter, seed=0)
+
+
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_separates_blobs_and_its_export_reproduces_it(kind: str, n_classes: int) -> None:
     x_train, y_train = blobs(20, n_classes, 12, seed=1)
     x_val, y_val = blobs(20, n_classes, 12, seed=2)
-    probe = hd.fit_probe(x_train, y_train, x_val, y_val, kind=kind, Cs=[0.1, 1.0], max_iter=2000, seed=0)
+    probe = fit(x_train, y_train, kind, 1.0)
     proba = probe.predict_proba(x_val)
     assert proba.shape == (len(y_val), n_classes) and np.allclose(proba.sum(1), 1)
     assert np.mean(proba.argmax(1) == y_val) >= 0.95
-    assert probe.warnings == [] and probe.refit_on == "train" and [p.C for p in probe.sweep] == [0.1, 1.0]
+    assert probe.warnings == []
 
     spec = hd.export_head(probe)  # float64 tensors, scaler folded in (linear kinds)
     exported = build_head(spec)(torch.from_numpy(x_val.astype(np.float64))).numpy()
@@ -62,6 +75,24 @@ def test_every_kind_separates_blobs_and_its_export_reproduces_it(kind: str, n_cl
     assert spec["type"] == ("rbf_svm" if kind == "svm_rbf" else "linear")
     if spec["type"] == "linear":
         assert spec["weight"].shape == ((1 if kind == "linear_svm" and n_classes == 2 else n_classes), 12)
+
+
+@pytest.mark.parametrize("normalization", ["standardize", "l2", "l2+standardize"])
+@pytest.mark.parametrize("kind", ["logreg", "svm_rbf"])
+def test_two_layer_feature_sets_export_their_normalization(kind: str, normalization: str) -> None:
+    """Concatenated layers with per-layer L2: the exported head (L2Blocks + folded scaler) equals the probe."""
+    x_a, y = blobs(15, 3, 6, seed=10)
+    x_b = np.random.default_rng(11).normal(0, 50, (len(y), 4)).astype(np.float32)  # another scale entirely
+    dataset = hd.Dataset.from_arrays({"pool": x_a, "mid": x_b}, y, ["train"] * len(y))
+    candidate = hd.Candidate(kind, ("pool", "mid"), normalization, 1.0)
+    probe = hd.fit_candidate(dataset, np.arange(len(y)), candidate, max_iter=2000, seed=0)
+    raw = np.concatenate([x_a, x_b], axis=1)
+    spec = hd.export_head(probe)
+    assert spec.get("l2_blocks") == ([6, 4] if "l2" in normalization else None)
+    assert hd.verify_export(spec, probe, raw) < 1e-9
+    blocks = evaluation.normalize_blocks([x_a, x_b], "l2")
+    np.testing.assert_allclose(np.linalg.norm(blocks[:, :6], axis=1), np.sqrt(6))
+    np.testing.assert_allclose(np.linalg.norm(blocks[:, 6:], axis=1), np.sqrt(4))
 
 
 def test_softmax_head_matches_sklearn_logistic_regression() -> None:
@@ -73,62 +104,140 @@ def test_softmax_head_matches_sklearn_logistic_regression() -> None:
     np.testing.assert_allclose(ours.predict_proba(x), reference.predict_proba(x), atol=1e-4)
 
 
-def test_choose_C_takes_the_best_val_accuracy_and_the_smaller_C_on_ties() -> None:
-    points = [hd.SweepPoint(C=c, val_accuracy=a, val_log_loss=0.0, seconds=0.0)
-              for c, a in [(10.0, 0.9), (0.1, 0.8), (1.0, 0.9), (0.01, 0.7)]]
-    assert hd.choose_C(points).C == 1.0
-    assert hd.choose_C(points[:2]).C == 10.0
+def test_choose_takes_the_best_accuracy_then_the_lower_log_loss_then_params_order() -> None:
+    def score(C: float, accuracy: float, loss: float) -> hd.Score:
+        return hd.Score(hd.Candidate("logreg", ("pool",), "standardize", C), accuracy, loss, 0.0)
+
+    scores = [score(0.1, 0.8, 0.1), score(1.0, 0.9, 0.3), score(10.0, 0.9, 0.2), score(100.0, 0.9, 0.2)]
+    assert hd.choose(scores).candidate.C == 10.0
+    assert hd.choose(scores[:2]).candidate.C == 1.0
 
 
-def test_sweep_picks_the_C_with_the_best_val_accuracy() -> None:
-    """A noisy 200-dimensional problem where val accuracy depends on C; compared with cold sklearn fits."""
+def test_cross_validation_scores_equal_cold_sklearn_fits_on_the_same_folds() -> None:
+    """A noisy 200-dimensional problem where CV accuracy depends on C: warm-started sweep == cold fits."""
     rng = np.random.default_rng(3)
     w = np.zeros(200)
     w[:5] = 1.0
-
-    def make(n: int):
-        x = rng.normal(0, 1, (n, 200))
-        return x, (x @ w + rng.normal(0, 1.0, n) > 0).astype(int)
-
-    (x_train, y_train), (x_val, y_val) = make(40), make(400)
+    x = rng.normal(0, 1, (120, 200))
+    y = (x @ w + rng.normal(0, 1.0, 120) > 0).astype(int)
     Cs = [10.0, 1e-4, 1e-2, 1e-1, 1.0, 1e-3]
-    probe = hd.fit_probe(x_train, y_train, x_val, y_val, kind="logreg", Cs=Cs, max_iter=2000, seed=0)
-    cold = {C: make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-8, max_iter=5000))
-            .fit(x_train, y_train).score(x_val, y_val) for C in sorted(Cs)}
-    assert {p.C: p.val_accuracy for p in probe.sweep} == cold
-    best = max(cold.values())
-    assert len(set(cold.values())) > 2 and probe.C == min(C for C, a in cold.items() if a == best)
-    swept = probe.sweep[[p.C for p in probe.sweep].index(probe.C)]
-    assert probe.model.score(x_val, y_val) == swept.val_accuracy  # refit on train is the sweep's model
-
-
-def test_refit_on_val_fits_train_plus_val() -> None:
-    x_train, y_train = blobs(10, 2, 6, seed=4)
-    x_val, y_val = blobs(10, 2, 6, seed=5)
-    probe = hd.fit_probe(x_train, y_train, x_val, y_val, kind="logreg", Cs=[1.0], max_iter=2000, seed=0,
-                         refit_on_val=True)
-    scaler = probe.model[0]
-    assert probe.refit_on == "train+val" and scaler.n_samples_seen_ == 40
-    np.testing.assert_allclose(scaler.mean_, np.concatenate([x_train, x_val]).mean(0), rtol=1e-6)
+    folds = evaluation.stratified_folds(y, folds=5, seed=0)
+    scores = hd.select(arrays(x, y), np.arange(len(y)), folds, kinds=["logreg"], feature_sets=[("pool",)],
+                       normalizations=["standardize"], Cs=Cs, max_iter=2000, seed=0, n_classes=2)
+    cold = {C: np.mean([np.sum(make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-8, max_iter=5000))
+                               .fit(x[f], y[f]).predict(x[s]) == y[s]) for f, s in folds]) * len(folds) / len(y)
+            for C in sorted(Cs)}
+    ours = {s.candidate.C: s.accuracy for s in scores}
+    assert ours.keys() == cold.keys() and len(set(cold.values())) > 2
+    for C in cold:
+        assert ours[C] == pytest.approx(cold[C], abs=1 / len(y) + 1e-9)  # warm start: at most one image differs
 
 
 def test_convergence_warnings_are_recorded_not_hidden() -> None:
-    x_train, y_train = blobs(20, 3, 10, seed=6, spread=0.5)
-    x_val, y_val = blobs(10, 3, 10, seed=7, spread=0.5)
-    probe = hd.fit_probe(x_train, y_train, x_val, y_val, kind="logreg", Cs=[1.0, 100.0], max_iter=2, seed=0)
-    assert len(probe.warnings) == 2 and probe.warnings[0].startswith("C=1: ")
+    x, y = blobs(20, 3, 10, seed=6, spread=0.5)
+    probe = fit(x, y, "logreg", 100.0, max_iter=2)
+    assert len(probe.warnings) == 1 and probe.warnings[0].startswith("refit {")
     assert "max_iter" in probe.warnings[0] or "iterations" in probe.warnings[0]
-    assert [p.as_dict()["converged"] for p in probe.sweep] == [False, False]
 
 
 def test_svm_kinds_need_two_training_images_per_class() -> None:
     x, y = blobs(3, 2, 4, seed=8)
     y[0] = 1  # class 0 now has 2 images, class 1 has 4
-    x_val, y_val = blobs(2, 2, 4, seed=9)
-    hd.fit_probe(x, y, x_val, y_val, kind="svm_rbf", Cs=[1.0], max_iter=100, seed=0)  # 2-fold calibration
+    fit(x, y, "svm_rbf", 1.0, max_iter=100)  # 2-fold calibration
     with pytest.raises(hd.HeadError, match="at least 2 training images per class; the smallest class has 1"):
-        hd.fit_probe(np.delete(x, 1, 0), np.delete(y, 1), x_val, y_val, kind="linear_svm", Cs=[1.0],
-                     max_iter=100, seed=0)
+        fit(np.delete(x, 1, 0), np.delete(y, 1), "linear_svm", 1.0, max_iter=100)
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def protocol_dataset(seed: int = 0) -> tuple[hd.Dataset, list[str]]:
+    """3 classes; `pool` separates them weakly, `mid` adds signal; 60 train, 30 held-out (val) images."""
+    x, y = blobs(30, 3, 10, seed=seed, spread=0.3)
+    mid = np.random.default_rng(seed + 1).normal(0, 1, (len(y), 4)) + np.eye(3, 4)[y] * 3.0
+    split = np.array(["train", "train", "val"] * 30)
+    return hd.Dataset.from_arrays({"pool": x, "mid": mid.astype(np.float32)}, y, split), ["a", "b", "c"]
+
+
+def test_poisoned_heldout_labels_change_no_choice() -> None:
+    """The held-out rows never reach a fit or a choice: scrambling their labels leaves every choice as it was
+    (and only the held-out metrics move)."""
+    dataset, classes = protocol_dataset()
+    params = HeadParams(C=(0.01, 0.1, 1.0), feature_sets=(("pool",), ("pool", "mid")), knn_k=(1, 5, 15),
+                        few_shot=(1, 5), few_shot_draws=3)
+    feature_sets = [("pool",), ("pool", "mid")]
+    clean = hd.evaluate_protocol(dataset, classes, params, feature_sets)
+    labels = dataset.labels.copy()
+    held = dataset.rows("val")
+    labels[held] = (labels[held] + 1) % 3
+    poisoned = hd.evaluate_protocol(dataclasses.replace(dataset, labels=labels), classes, params, feature_sets)
+    assert clean["heldout_split"] == poisoned["heldout_split"] == "val"
+    assert clean["selection"]["chosen"] == poisoned["selection"]["chosen"]
+    def without_time(candidates: list[dict]) -> list[dict]:
+        return [{k: v for k, v in c.items() if k != "seconds"} for c in candidates]
+
+    assert without_time(clean["selection"]["candidates"]) == without_time(poisoned["selection"]["candidates"])
+    assert clean["knn"]["k"] == poisoned["knn"]["k"] and clean["knn"]["sweep"] == poisoned["knn"]["sweep"]
+    assert [s["C"] for s in clean["feature_sets"]] == [s["C"] for s in poisoned["feature_sets"]]
+    for row in clean["predictions"]:  # same models, same predictions; only the truth changed
+        np.testing.assert_array_equal(clean["predictions"][row], poisoned["predictions"][row])
+    assert clean["feature_sets"][0]["heldout"]["accuracy"] != poisoned["feature_sets"][0]["heldout"]["accuracy"]
+    assert clean["selection"]["n"] == 60 and clean["predictions"]["probe"].shape == (30, 3)
+
+
+def test_the_test_split_is_held_out_when_there_is_one_and_val_then_selects() -> None:
+    dataset, classes = protocol_dataset()
+    split = np.array(["train", "val", "test"] * 30)
+    dataset = dataclasses.replace(dataset, split=split)
+    result = hd.evaluate_protocol(dataset, classes, HeadParams(C=(1.0,), feature_sets=(("pool",),), knn_k=(5,),
+                                                               few_shot=(1,), few_shot_draws=1), [("pool",)])
+    assert result["heldout_split"] == "test" and result["selection"]["split"] == "train+val"
+    assert result["selection"]["n"] == 60 and len(result["heldout_rows"]) == 30
+    by_val = hd.evaluate_protocol(dataset, classes, HeadParams(C=(0.01, 1.0), selection="val", feature_sets=(
+        ("pool",),), knn_k=(5,), few_shot=(1,), few_shot_draws=1), [("pool",)])
+    assert by_val["selection"]["method"] == "val" and by_val["selection"]["n"] == 60  # refit on train+val
+    with pytest.raises(hd.HeadError, match="head.selection: val needs train, val and test"):
+        hd.evaluate_protocol(protocol_dataset()[0], classes, HeadParams(selection="val"), [("pool",)])
+
+
+def test_the_concatenated_layer_wins_where_it_carries_the_signal() -> None:
+    dataset, classes = protocol_dataset()
+    result = hd.evaluate_protocol(dataset, classes, HeadParams(C=(0.1, 1.0), knn_k=(5,), few_shot=(1,),
+                                                               few_shot_draws=1), [("pool",), ("pool", "mid")])
+    sets = {tuple(s["layers"]): s for s in result["feature_sets"]}
+    assert sets[("pool", "mid")]["selection_accuracy"] > sets[("pool",)]["selection_accuracy"]
+    assert result["selection"]["chosen"]["layers"] == ["pool", "mid"]
+    assert set(result["predictions"]) == {"probe", "knn", "layers=pool", "layers=pool+mid"}
+
+
+def test_augmented_rows_train_only_with_their_own_image() -> None:
+    x, y = blobs(4, 2, 3, seed=12)
+    extra = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)
+    dataset = dataclasses.replace(arrays(x, y), extra={"pool": extra}, extra_source=np.array([0, 0, 5, 6, 7, 7]))
+    features, labels = dataset.fit_set(("pool",), "none", np.array([0, 1, 7]))
+    np.testing.assert_array_equal(features, np.concatenate([x[[0, 1, 7]], extra[[0, 1, 4, 5]]]))
+    np.testing.assert_array_equal(labels, np.concatenate([y[[0, 1, 7]], y[[0, 0, 7, 7]]]))
+    views = dataclasses.replace(dataset, views_replace_images=True)
+    assert len(views.fit_set(("pool",), "none", np.array([0, 7]))[1]) == 4  # the views replace the mean row
+
+
+def test_knn_votes_by_similarity_and_few_shot_draws_repeat_by_seed() -> None:
+    fit_x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    fit_y = np.array([0, 0, 1])
+    proba = evaluation.knn_proba(fit_x, fit_y, np.array([[0.2, 1.0]]), k=3, n_classes=2)
+    sims = np.array([0.2, 0.2 * 0.9 + 0.1, 1.0]) / np.linalg.norm([0.2, 1.0]) / np.linalg.norm(fit_x, axis=1)
+    weights = np.exp(sims / evaluation.KNN_TEMPERATURE)
+    np.testing.assert_allclose(proba[0], [weights[:2].sum() / weights.sum(), weights[2] / weights.sum()])
+    y = np.repeat([0, 1, 2], [5, 3, 1])
+    first = evaluation.draw_few_shot(y, shots=2, seed=4)
+    np.testing.assert_array_equal(first, evaluation.draw_few_shot(y, shots=2, seed=4))
+    assert np.bincount(y[first]).tolist() == [2, 2, 1]
+    assert not np.array_equal(first, evaluation.draw_few_shot(y, shots=2, seed=5)) or len(set(
+        tuple(evaluation.draw_few_shot(y, shots=2, seed=s)) for s in range(6))) > 1
+
+
+def test_no_heldout_split_is_an_error_naming_the_fix() -> None:
+    x, y = blobs(5, 2, 3, seed=13)
+    with pytest.raises(hd.HeadError, match="prepare.test_fraction"):
+        hd.evaluate_protocol(arrays(x, y), ["a", "b"], HeadParams(), [("pool",)])
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -192,7 +301,8 @@ def make_project(root: Path, *, n_train: int = 8, n_val: int = 4, n_test: int = 
                                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}},
               "extract": {"layers": list(TINY_LAYERS), "precision": "float32", "compile": "off", "num_workers": 0,
                           "batch_size": 8},
-              "head": {"kind": "logreg", "C": [0.1, 1.0], **(head or {})}}
+              "head": {"kind": "logreg", "C": [0.1, 1.0], "feature_sets": [["pool"], ["pool", "blocks.3"]],
+                       **(head or {})}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     backbone = Backbone(name="tiny", arch=TINY_ARCH, classifier=None, weights=WeightsSource(filename="tiny.pth"),
                         preprocess=Preprocess(input_size=32, resize=36, interpolation="bilinear",
@@ -247,33 +357,44 @@ def project(tmp_path: Path) -> dict:
     return project
 
 
-def test_stage_writes_metrics_layers_errors_plots_and_an_export_that_predicts_the_same(project: dict) -> None:
+def test_stage_writes_metrics_predictions_errors_plots_and_an_export_that_predicts_the_same(project: dict) -> None:
     params = yaml.safe_load((project["root"] / "params.yaml").read_text())
-    params["head"]["layers"] = "all"
+    params["head"]["feature_sets"] = [["pool"], ["pool", "blocks.3"]]
+    params["head"]["normalization"] = ["standardize", "l2+standardize"]
     (project["root"] / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_stage(project) == 0
     reports = project["root"] / "reports" / "tiny"
 
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert (metrics["backbone"], metrics["head"], metrics["layer"]) == ("tiny", "logreg", "pool")
-    assert metrics["feature_dim"] == 256
-    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (16, 8, 4)
-    assert metrics["C"] in (0.1, 1.0) and [p["C"] for p in metrics["sweep"]] == [0.1, 1.0]
-    assert set(metrics["val"]) == {"accuracy", "mean_class_accuracy", "macro_f1", "log_loss", "ece", "per_class", "n"}
-    assert set(metrics["val"]["per_class"]) == {"ants", "bees"} and metrics["test"]["n"] == 4
+    assert (metrics["backbone"], metrics["head"], metrics["heldout_split"]) == ("tiny", "logreg", "test")
+    assert metrics["feature_dim"] == {"pool": 256, "pool+blocks.3": 304}["+".join(metrics["layers"])]
+    assert (metrics["n_selection"], metrics["n_heldout"]) == (24, 4)  # train + val choose, test is held out
+    selection = metrics["selection"]
+    assert (selection["method"], selection["folds"], selection["split"]) == ("cv", 5, "train+val")
+    assert len(selection["candidates"]) == 2 * 2 * 2  # feature sets x normalizations x C
+    assert selection["chosen"] == {"kind": metrics["head"], "layers": metrics["layers"],
+                                   "normalization": metrics["normalization"], "C": metrics["C"]}
+    heldout = metrics["heldout"]
+    assert set(heldout) == {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "mean_class_accuracy",
+                            "macro_f1", "log_loss", "ece", "per_class", "n"}
+    assert heldout["n"] == 4 and heldout["accuracy_ci_low"] <= heldout["accuracy"] <= heldout["accuracy_ci_high"]
     assert metrics["features"]["manifest_sha256"] == hashlib.sha256(project["manifest"].read_bytes()).hexdigest()
-    assert metrics["val"]["accuracy"] >= 0.75  # red vs blue images through a random tiny network
+    assert [s["layers"] for s in metrics["feature_sets"]] == [["pool"], ["pool", "blocks.3"]]
+    assert metrics["knn"]["k"] in (1, 5, 10, 20) and metrics["knn"]["heldout"]["n"] == 4
+    assert [p["shots"] for p in metrics["few_shot"]] == [1, 2, 5, 10, "all"]
+    assert metrics["few_shot"][-1]["mean"] == heldout["accuracy"]
 
-    layers = json.loads((reports / "layers.json").read_text())["layers"]
-    assert [(e["layer"], e["feature_dim"]) for e in layers] == [("pool", 256), ("blocks.3", 48)]
-    assert layers[0]["val"]["accuracy"] == metrics["val"]["accuracy"] and "per_class" not in layers[1]["val"]
+    test_rows = [r for r in read_manifest(project["manifest"]) if r.split == "test"]
+    predictions = evaluation.read_predictions(reports / "predictions.json")
+    assert predictions.split == "test" and predictions.paths == [r.path for r in test_rows]
+    assert set(predictions.rows) == {"probe", "knn", "layers=pool", "layers=pool+blocks.3"}
+    assert np.mean(predictions.correct("probe")) == heldout["accuracy"]
 
     confusion = json.loads((reports / "plots" / "confusion.json").read_text())
-    val_rows = [r for r in read_manifest(project["manifest"]) if r.split == "val"]
-    assert [c["actual"] for c in confusion] == [r.cls for r in val_rows]
-    assert np.mean([c["actual"] == c["predicted"] for c in confusion]) == metrics["val"]["accuracy"]
+    assert [c["actual"] for c in confusion] == [r.cls for r in test_rows]
+    assert np.mean([c["actual"] == c["predicted"] for c in confusion]) == heldout["accuracy"]
     calibration = json.loads((reports / "plots" / "calibration.json").read_text())
-    assert sum(b["count"] for b in calibration) == 8
+    assert sum(b["count"] for b in calibration) == 4
     per_class = json.loads((reports / "plots" / "per_class.json").read_text())
     assert [p["class"] for p in per_class] == ["ants", "bees"]
     for name in ("confusion.png", "calibration.png", "per_class.png"):
@@ -281,30 +402,49 @@ def test_stage_writes_metrics_layers_errors_plots_and_an_export_that_predicts_th
 
     with open(reports / "errors.csv", newline="") as fh:
         errors = list(csv.DictReader(fh))
-    wrong = sorted((r.path, c["actual"], c["predicted"]) for r, c in zip(val_rows, confusion)
+    wrong = sorted((r.path, c["actual"], c["predicted"]) for r, c in zip(test_rows, confusion)
                    if c["actual"] != c["predicted"])
     assert [(e["path"], e["true"], e["predicted"]) for e in errors] == wrong
-    assert all(0.5 <= float(e["prob"]) <= 1 for e in errors)
 
     export = torch.load(project["root"] / "models" / "tiny" / "classifier.pt", weights_only=True)
-    assert export["format_version"] == 1 and export["classes"] == ["ants", "bees"] and export["layer"] == "pool"
-    assert export["backbone"]["preprocess"]["input_size"] == 32 and export["head"]["weight"].shape == (2, 256)
+    assert export["format_version"] == 2 and export["classes"] == ["ants", "bees"]
+    assert export["layers"] == metrics["layers"] and export["head"]["normalization"] == metrics["normalization"]
+    assert export["backbone"]["preprocess"]["input_size"] == 32
+    assert export["head"]["weight"].shape == (2, metrics["feature_dim"])
     classifier = load_classifier(project["root"] / "models" / "tiny" / "classifier.pt")
-    images = eval_dataset(project["raw"], [r.path for r in val_rows], [0] * len(val_rows), classifier.preprocess)
+    images = eval_dataset(project["raw"], [r.path for r in test_rows], [0] * len(test_rows), classifier.preprocess)
     with torch.inference_mode():
         probabilities = classifier(torch.stack([images[i][0] for i in range(len(images))])).numpy()
     assert [project["classes"][k] for k in probabilities.argmax(1)] == [c["predicted"] for c in confusion]
-    for error in errors:
-        row = [r.path for r in val_rows].index(error["path"])
-        assert probabilities[row].max() == pytest.approx(float(error["prob"]), abs=1e-5)
+    np.testing.assert_allclose(probabilities.max(1), predictions.rows["probe"]["confidence"], atol=1e-5)
+
+    card = (project["root"] / "models" / "tiny" / "MODEL_CARD.md").read_text()
+    assert f"accuracy [95% Wilson interval] | {heldout['accuracy']:.4f} [{heldout['accuracy_ci_low']:.4f}" in card
+    assert "## Held-out performance (test split, 4 images" in card and "| ants | 8 | 4 | 2 |" in card
+    assert metrics["features"]["weights_sha256"] in card and "python -m stages.predict" in card
+
+
+def test_the_export_of_a_two_layer_l2_probe_predicts_what_the_head_evaluated(project: dict) -> None:
+    params = yaml.safe_load((project["root"] / "params.yaml").read_text())
+    params["head"].update(feature_sets=[["pool", "blocks.3"]], normalization=["l2"], C=[1.0])
+    (project["root"] / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage(project) == 0
+    reports = project["root"] / "reports" / "tiny"
+    predictions = evaluation.read_predictions(reports / "predictions.json")
+    classifier = load_classifier(project["root"] / "models" / "tiny" / "classifier.pt")
+    assert classifier.layers == ("pool", "blocks.3")
+    images = eval_dataset(project["raw"], predictions.paths, [0] * len(predictions.paths), classifier.preprocess)
+    with torch.inference_mode():
+        probabilities = classifier(torch.stack([images[i][0] for i in range(len(images))])).numpy()
+    np.testing.assert_array_equal(probabilities.argmax(1), predictions.rows["probe"]["predicted"])
+    np.testing.assert_allclose(probabilities.max(1), predictions.rows["probe"]["confidence"], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ provenance
 def provenance_error(project: dict) -> str:
-    params = HeadParams(C=(1.0,))
     with pytest.raises(hd.ProvenanceError) as caught:
         hd.load_checked_features(backbone_name="tiny", features_path=project["features"],
-                                 manifest_path=project["manifest"], weights_path=project["weights"], params=params)
+                                 manifest_path=project["manifest"], weights_path=project["weights"])
     return str(caught.value)
 
 
@@ -342,7 +482,8 @@ def test_rows_that_do_not_match_the_manifest_are_detected(project: dict) -> None
 
 def test_main_reports_a_missing_layer_and_exits_1(project: dict, caplog: pytest.LogCaptureFixture) -> None:
     params = yaml.safe_load((project["root"] / "params.yaml").read_text())
-    params["head"]["layer"] = "blocks.5"
+    params["head"]["feature_sets"] = [["pool"], ["pool", "mid"]]
     (project["root"] / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_stage(project) == 1
-    assert "head.layer(s) ['blocks.5'] not in" in caplog.text and "add them to extract.layers" in caplog.text
+    assert "head.feature_sets: layer(s) ['mid'] of ['pool', 'mid'] not in" in caplog.text
+    assert "add them to extract.layers or edit head.feature_sets" in caplog.text

@@ -1,5 +1,5 @@
-"""stages.predict: the exported classifier rebuilt from classifier.pt (weights_only) predicts the val images as the
-head stage did, end to end through the real extract stage; CLI output (text, --json, --topk); refusals."""
+"""stages.predict: the exported classifier rebuilt from classifier.pt (weights_only) predicts the held-out (test)
+images as the head stage did, end to end through the real extract stage; CLI output (text, --json, --topk); refusals."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from stages import extract as extract_stage
-from stages import head, predict
+from stages import features, predict
 from stages.images import read_manifest
 from test_head import make_project, run_stage  # tests/ is on sys.path under pytest
 
@@ -40,7 +40,8 @@ def build(root: Path, *, head: dict, extract: dict) -> dict:
 def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Layers pool + blocks.3, TTA none+hflip averaged; an svm_rbf head on blocks.3."""
     torch.set_num_threads(1)
-    return build(tmp_path_factory.mktemp("predict"), head={"kind": "svm_rbf", "layer": "blocks.3", "C": [1.0, 10.0]},
+    return build(tmp_path_factory.mktemp("predict"), head={"kind": ["svm_rbf"], "feature_sets": [["blocks.3"]],
+                                                            "normalization": ["standardize"], "C": [1.0, 10.0]},
                  extract={"tta": ["none", "hflip"]})
 
 
@@ -49,14 +50,14 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def test_predictions_on_val_images_equal_the_head_stage(project: dict, capsys: pytest.CaptureFixture) -> None:
+def test_predictions_on_heldout_images_equal_the_head_stage(project: dict, capsys: pytest.CaptureFixture) -> None:
     reports = project["root"] / "reports" / "tiny"
-    code, out = run_cli([str(project["raw"] / "val"), "--model", str(project["model"]), "--json"], capsys)
+    code, out = run_cli([str(project["raw"] / "test"), "--model", str(project["model"]), "--json"], capsys)
     assert code == 0
     result = json.loads(out)
     assert result["backbone"] == "tiny" and result["classes"] == ["ants", "bees"]
     confusion = json.loads((reports / "plots" / "confusion.json").read_text())
-    val_paths = sorted((project["raw"] / "val").rglob("*.jpg"))
+    val_paths = sorted((project["raw"] / "test").rglob("*.jpg"))
     assert [p["path"] for p in result["predictions"]] == [str(p) for p in val_paths]
     assert [p["class"] for p in result["predictions"]] == [c["predicted"] for c in confusion]
     with open(reports / "errors.csv", newline="") as fh:
@@ -69,14 +70,15 @@ def test_predictions_on_val_images_equal_the_head_stage(project: dict, capsys: p
         assert len(top) == 2 and top[0]["class"] == prediction["class"]
         assert sum(t["probability"] for t in top) == pytest.approx(1)
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert (metrics["head"], metrics["layer"], metrics["features"]["tta"]) == ("svm_rbf", "blocks.3", ["none", "hflip"])
-    assert metrics["probabilities"].startswith("Platt sigmoid: CalibratedClassifierCV(5-fold")
+    assert (metrics["head"], metrics["layers"], metrics["features"]["tta"]) == ("svm_rbf", ["blocks.3"],
+                                                                               ["none", "hflip"])
+    assert metrics["probabilities"].startswith("Platt sigmoid: CalibratedClassifierCV(stratified k-fold")
 
 
 def test_export_is_plain_tensors_and_rebuilds_the_head_kind(project: dict) -> None:
     export = torch.load(project["model"], weights_only=True)
     assert export["head"]["type"] == "rbf_svm" and export["head"]["support_vectors"].dtype == torch.float64
-    assert export["backbone"]["tta"] == ["none", "hflip"] and export["layer"] == "blocks.3"
+    assert export["backbone"]["tta"] == ["none", "hflip"] and export["layers"] == ["blocks.3"]
     assert export["provenance"]["features"]["manifest_sha256"] == json.loads(
         (project["root"] / "reports" / "tiny" / "metrics.json").read_text())["features"]["manifest_sha256"]
     classifier = predict.classifier_from_export(export)
@@ -110,7 +112,7 @@ def test_an_undecodable_file_is_reported_and_the_rest_predicted(project: dict, t
 def test_other_format_versions_and_pickled_objects_are_refused(project: dict, tmp_path: Path) -> None:
     export = torch.load(project["model"], weights_only=True)
     torch.save({**export, "format_version": 99}, tmp_path / "future.pt")
-    with pytest.raises(predict.ExportError, match=r"future.pt: format_version is 99, this code reads 1"):
+    with pytest.raises(predict.ExportError, match=r"future.pt: format_version is 99, this code reads \(1, 2\)"):
         predict.load_classifier(tmp_path / "future.pt")
     torch.save({**export, "extra": argparse.Namespace(x=1)}, tmp_path / "pickled.pt")
     with pytest.raises(predict.ExportError, match=r"refused to load .*pickled.pt: not a plain tensor export"):
@@ -136,17 +138,17 @@ def test_tta_rows_train_on_every_view_and_predict_with_their_mean(tmp_path: Path
                                                                   capsys: pytest.CaptureFixture) -> None:
     """extract.tta_mode rows: the head trains on both views' rows and evaluates (and predict predicts) with the
     views' mean features; a features file claiming another layout is refused."""
-    project = build(tmp_path, head={"kind": "logreg", "C": [1.0]}, extract={"tta": ["none", "hflip"],
-                                                                            "tta_mode": "rows"})
+    project = build(tmp_path, head={"kind": "logreg", "C": [1.0], "feature_sets": [["pool"]]},
+                    extract={"tta": ["none", "hflip"], "tta_mode": "rows"})
     metrics = json.loads((tmp_path / "reports" / "tiny" / "metrics.json").read_text())
-    assert (metrics["n_train"], metrics["n_val"], metrics["features"]["tta_mode"]) == (16, 8, "rows")
-    code, out = run_cli([str(project["raw"] / "val"), "--model", str(project["model"]), "--json"], capsys)
+    assert (metrics["n_selection"], metrics["n_heldout"], metrics["features"]["tta_mode"]) == (24, 4, "rows")
+    code, out = run_cli([str(project["raw"] / "test"), "--model", str(project["model"]), "--json"], capsys)
     confusion = json.loads((tmp_path / "reports" / "tiny" / "plots" / "confusion.json").read_text())
     assert code == 0 and [p["class"] for p in json.loads(out)["predictions"]] == [c["predicted"] for c in confusion]
 
-    data = head.read_features(project["features"])
+    data = features.read_features(project["features"])
     data.attrs["tta"] = ["none", "hflip", "vflip"]
-    with pytest.raises(head.ProvenanceError, match=r"the number of rows is 56 but expected 84 \(28 images in "):
-        head.check_provenance(data, backbone="tiny", weights_path="w", weights_sha256=data.attrs["weights_sha256"],
+    with pytest.raises(features.ProvenanceError, match=r"the number of rows is 56 but expected 84 \(28 images in "):
+        features.check_provenance(data, backbone="tiny", weights_path="w", weights_sha256=data.attrs["weights_sha256"],
                               manifest_path=project["manifest"], manifest_sha256=data.attrs["manifest_sha256"],
                               manifest=read_manifest(project["manifest"]))
