@@ -1,0 +1,517 @@
+"""Audit stage: near-duplicates (and leakage across splits), likely label errors and outliers, from the cached features.
+
+    python -m stages.audit --backbone NAME --features features/NAME.h5 --manifest data/prepared/manifest.csv \
+        --weights models/pretrained/NAME.pth --raw data/raw --reports reports/NAME
+
+Runs after extract@NAME and before head@NAME on the features of `audit.layer` (default pool), one row per image
+(TTA view rows averaged). The features file is checked as head checks it (stages.features.read_checked: the same
+ProvenanceError when it was computed from another manifest, backbone or weight file).
+
+1. Near-duplicates. Every image's `audit.duplicate_neighbors` nearest neighbours by cosine similarity of the
+   L2-normalized features (faiss: exact inner product, HNSW past EXACT_LIMIT images); pairs with similarity >=
+   `audit.duplicate_cosine` are candidates, confirmed by a pixel check on small thumbnails so that two different
+   photos of one subject are not listed: the Pearson correlation of 24x24 grayscale thumbnails, the best over
+   crop windows (whole image, and 90-95% of each side at 3 offsets per side) of either image against the whole
+   other one, must be >= `audit.duplicate_pixel_correlation` (invariant to brightness and contrast, tolerant of
+   resizing, re-encoding and a crop of up to 10%). Confirmed pairs are joined into groups; a group whose images lie in more than one split is leakage
+   (reported apart, with its cross-split pairs). Policy `audit.cross_split`: `report` lists them only;
+   `drop_from_heldout` also lists the held-out images of every leakage group under `dropped_from_heldout`, and
+   head leaves them out of its held-out evaluation (reports/NAME/audit/heldout.json, `python -m stages.head
+   --audit`).
+2. Likely label errors. Out-of-fold class probabilities of a standardized logistic regression (C =
+   `audit.label_C`, stratified `audit.label_folds`-fold, sklearn cross_val_predict) on every labelled image,
+   filtered by cleanlab (`cleanlab.filter.find_label_issues`, filter_by = `audit.label_filter`) and ranked by
+   self-confidence (the probability of the given label, lowest first): the given label, the suggested label (the
+   most probable class) and a score (1 - the probability of the given label). Skipped, saying why, when a class
+   has fewer images than the folds need; the other checks still run.
+3. Outliers. Score = median cosine distance to the `audit.outlier_k` nearest other images (of any class: an image
+   close to another class is a label question, not an outlier); flagged when its robust z-score over the dataset
+   ((score - median) / (1.4826 MAD), Iglewicz and Hoaglin's modified z) is above `audit.outlier_z`. This catches
+   placeholders and off-topic images that decode fine; the median (not the mean) of the k distances keeps a few
+   off-topic images that resemble each other (fewer than k / 2) from hiding one another.
+
+Nothing in data/ is changed: every finding and decision is listed. Outputs (written atomically):
+    reports/NAME/audit.json          DVC metrics: counts per kind, flagged fraction, leakage pairs, every finding,
+                                     the label check's status, dropped_from_heldout, thresholds, seconds
+    reports/NAME/audit.csv           one row per finding: kind,paths,splits,classes,score,suggested_label
+    reports/NAME/audit/<kind>.png    contact sheets (duplicates, leakage, label_issues, outliers): thumbnails with
+                                     path, split, class and score; "no findings" when a kind has none
+    reports/NAME/audit/heldout.json  {"policy", "heldout_split", "dropped_from_heldout": [paths]}: the one decision
+                                     head reads (deterministic, so a changed threshold that drops nothing new does
+                                     not re-run head)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from threadpoolctl import threadpool_limits
+
+from stages.evaluation import ProtocolError, heldout_split
+from stages.features import FeaturesError, read_checked, views_per_image
+from stages.images import ImageDecodeError, load_rgb
+from stages.io import atomic_path, setup_logging, write_json, write_text
+from stages.params import AuditParams, ParamError, load_params
+
+logger = logging.getLogger(__name__)
+
+EXACT_LIMIT = 50_000  # images; past this the neighbour search uses an HNSW graph instead of exact inner products
+MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
+KINDS = ("duplicates", "leakage", "label_issues", "outliers")
+THUMB = 96  # contact sheet thumbnail side, pixels
+WINDOW_SIDE = 64  # the duplicate pixel check: images squeezed to this square (pixels), then crop windows of
+WINDOW_ZOOMS = (1.0, 0.95, 0.9)  # these fractions of each side (crop_boxes),
+THUMB_SIDE = 24  # each resized to this square thumbnail (pixels)
+CSV_FIELDS = ("kind", "paths", "splits", "classes", "score", "suggested_label")
+
+
+class AuditError(FeaturesError):
+    """The inputs do not allow the audit; the message names the file or parameter and why."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The features file as the audit uses it: one row per image (TTA view rows averaged)."""
+    features: np.ndarray  # [N, D] float32, L2-normalized
+    labels: np.ndarray  # [N] int64
+    split: np.ndarray  # [N] str
+    paths: list[str]  # [N]
+    classes: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ core
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of x [N, D] scaled to unit L2 norm (float32; zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other rows of unit vectors x [N, D] by inner product (= cosine similarity), via faiss:
+    (similarities [N, k] descending, indices [N, k]; -1 where fewer than k other rows exist)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # not its "no AVX2 build" note on every import
+    import faiss
+
+    n, d = x.shape
+    k = int(min(k, n - 1))
+    if k < 1:
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if n <= EXACT_LIMIT:
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(64, 4 * k)
+    index.add(x)
+    sims, idx = index.search(x, k + 1)
+    out_s, out_i = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+    for row in range(n):  # drop the row itself wherever it ranks (ties with an exact copy may put it second)
+        keep = idx[row] != row
+        s, i = sims[row][keep][:k], idx[row][keep][:k]
+        out_s[row, :len(s)], out_i[row, :len(i)] = s, i
+    return out_s, out_i
+
+
+def candidate_pairs(x: np.ndarray, *, k: int, min_cosine: float) -> list[tuple[int, int, float]]:
+    """Pairs (i < j, cosine) among each row's k nearest neighbours with cosine >= min_cosine, sorted."""
+    sims, idx = nearest_neighbours(x, k)
+    pairs: dict[tuple[int, int], float] = {}
+    for i, j in zip(*np.nonzero((sims >= min_cosine) & (idx >= 0))):
+        a, b = sorted((int(i), int(idx[i, j])))
+        pairs[(a, b)] = max(pairs.get((a, b), -1.0), float(sims[i, j]))
+    return sorted((a, b, s) for (a, b), s in pairs.items())
+
+
+def crop_boxes(side: int = WINDOW_SIDE, zooms: Sequence[float] = WINDOW_ZOOMS) -> list[tuple[float, ...]]:
+    """(left, top, right, bottom) windows of a side x side image: every combination of a width and a height from
+    `zooms` (fractions of the side) at 1 (zoom 1) or 3 (left/top, centre, right/bottom) offsets; the whole image
+    first."""
+    spans = []
+    for zoom in zooms:
+        width = zoom * side
+        spans += [(float(o), float(o + width)) for o in np.linspace(0, side - width, 1 if zoom == 1 else 3)]
+    return [(x0, y0, x1, y1) for x0, x1 in spans for y0, y1 in spans]
+
+
+def thumbnail_windows(image: Image.Image) -> np.ndarray:
+    """[W, T*T] float32: the image in grayscale, squeezed to WINDOW_SIDE px, each crop window (crop_boxes; row 0 =
+    the whole image) resized to T = THUMB_SIDE px and standardized to zero mean and unit norm, so that a dot
+    product of two rows is the Pearson correlation of two thumbnails."""
+    gray = image.convert("L").resize((WINDOW_SIDE, WINDOW_SIDE), Image.Resampling.BOX).convert("F")
+    rows = np.stack([np.asarray(gray.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, box=box),
+                                np.float32).ravel() for box in crop_boxes()])
+    rows -= rows.mean(1, keepdims=True)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-6)
+
+
+def pixel_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """The best thumbnail correlation of two images' windows [W, P] (thumbnail_windows): any window of one against
+    the whole other one (a crop of either image is found)."""
+    return float(max((a @ b[0]).max(), (b @ a[0]).max()))
+
+
+def confirm_pairs(pairs: Sequence[tuple[int, int, float]], windows: dict[int, np.ndarray | None], *,
+                  min_correlation: float) -> list[tuple[int, int, float, float]]:
+    """The candidate pairs whose pixel similarity (pixel_similarity) is >= min_correlation: (i, j, cosine,
+    correlation). A pair with an image that could not be read (None) is not confirmed."""
+    out = []
+    for i, j, cosine in pairs:
+        if windows.get(i) is None or windows.get(j) is None:
+            continue
+        correlation = pixel_similarity(windows[i], windows[j])
+        if correlation >= min_correlation:
+            out.append((i, j, cosine, round(correlation, 4)))
+    return out
+
+
+def group_pairs(pairs: Sequence[tuple[int, ...]], n: int) -> list[list[int]]:
+    """Connected components (sorted lists of row indices, two or more rows each) of the pairs' graph on n rows."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not pairs:
+        return []
+    a = np.array([p[0] for p in pairs])
+    b = np.array([p[1] for p in pairs])
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    groups: dict[int, list[int]] = {}
+    for row in np.unique(np.concatenate([a, b])):
+        groups.setdefault(int(component[row]), []).append(int(row))
+    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def describe_groups(groups: Sequence[Sequence[int]], pairs: Sequence[tuple[int, int, float, float]],
+                    rows: Rows) -> list[dict[str, Any]]:
+    """Each group as a finding: paths, splits, classes, cross_split, the weakest confirmed link (min cosine, min
+    pixel correlation), and its cross-split pairs."""
+    out = []
+    for group in groups:
+        members = set(group)
+        links = [p for p in pairs if p[0] in members]
+        cross = [{"paths": [rows.paths[i], rows.paths[j]], "splits": [str(rows.split[i]), str(rows.split[j])],
+                  "cosine": round(c, 4), "pixel_correlation": d}
+                 for i, j, c, d in links if rows.split[i] != rows.split[j]]
+        splits = sorted({str(rows.split[i]) for i in group})
+        out.append({"paths": [rows.paths[i] for i in group], "splits": [str(rows.split[i]) for i in group],
+                    "classes": [rows.classes[rows.labels[i]] for i in group], "cross_split": len(splits) > 1,
+                    "score": round(min(c for _, _, c, _ in links), 4),
+                    "pixel_correlation": min(d for *_, d in links), "cross_split_pairs": cross})
+    return out
+
+
+def heldout_drops(duplicates: Sequence[dict[str, Any]], heldout: str) -> list[str]:
+    """Paths of the held-out images in every group that also has images outside the held-out split (sorted):
+    evaluated there, they measure memory of their copies rather than generalisation."""
+    return sorted(p for g in duplicates if any(s != heldout for s in g["splits"])
+                  for p, s in zip(g["paths"], g["splits"]) if s == heldout)
+
+
+def out_of_fold_proba(x: np.ndarray, y: np.ndarray, *, folds: int, C: float, seed: int) -> np.ndarray:
+    """Out-of-fold class probabilities [N, K] of StandardScaler + LogisticRegression(C) on x [N, D], labels y [N],
+    stratified `folds`-fold (each row predicted by the model fitted without it)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, tol=1e-4))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a ranking: the last digits of a probability do not move it
+        return cross_val_predict(model, np.asarray(x, dtype=np.float64), y, cv=splitter, method="predict_proba")
+
+
+def label_issues(proba: np.ndarray, y: np.ndarray, *, filter_by: str = "low_self_confidence"
+                 ) -> list[tuple[int, int, float]]:
+    """cleanlab's likely label errors from out-of-fold probabilities proba [N, K] and given labels y [N] (cleanlab
+    filter `filter_by`), most likely first: (row, suggested label, score = 1 - probability of the given label)."""
+    from cleanlab.filter import find_label_issues
+
+    ranked = find_label_issues(labels=y, pred_probs=proba, filter_by=filter_by,
+                               return_indices_ranked_by="self_confidence")
+    return [(int(i), int(proba[i].argmax()), round(float(1.0 - proba[i, y[i]]), 4)) for i in ranked]
+
+
+def label_check_skip(y: np.ndarray, classes: Sequence[str], folds: int) -> str | None:
+    """Why the label check cannot run (a class with fewer images than the folds need), else None."""
+    counts = np.bincount(y, minlength=len(classes))
+    present = [(classes[c], int(n)) for c, n in enumerate(counts) if n > 0]
+    if len(present) < 2:
+        return f"only {len(present)} class has images; the label check compares classes"
+    small = [(name, n) for name, n in present if n < folds]
+    if small:
+        listed = ", ".join(f"{name} ({n})" for name, n in small)
+        return (f"class(es) {listed} have fewer images than audit.label_folds = {folds}, which out-of-fold "
+                f"probabilities need per class; add images or lower audit.label_folds (params.yaml)")
+    return None
+
+
+def outlier_scores(x: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(score [N], robust z [N]) of unit rows x [N, D]: score = the median cosine distance of x[i] to its k nearest
+    other rows (the median, so that a few off-topic images that resemble each other, fewer than k / 2, do not hide
+    one another); z = (score - median score) / (1.4826 MAD of the scores). Fewer than 3 rows: all 0."""
+    if len(x) < 3:
+        return np.zeros(len(x)), np.zeros(len(x))
+    sims, idx = nearest_neighbours(x, k)
+    scores = np.array([np.median(1.0 - sims[r][idx[r] >= 0]) for r in range(len(x))])
+    median = np.median(scores)
+    mad = np.median(np.abs(scores - median)) * MAD_SCALE
+    return scores, (scores - median) / max(mad, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ findings
+def find_duplicates(rows: Rows, *, raw: Path, params: AuditParams) -> list[dict[str, Any]]:
+    """Near-duplicate groups: faiss candidates confirmed by the pixel check on thumbnails of the images under raw."""
+    pairs = candidate_pairs(rows.features, k=params.duplicate_neighbors, min_cosine=params.duplicate_cosine)
+    windows: dict[int, np.ndarray | None] = {}
+    for index in sorted({i for p in pairs for i in p[:2]}):
+        try:
+            image, _ = load_rgb(raw / rows.paths[index], draft_size=WINDOW_SIDE)
+            windows[index] = thumbnail_windows(image)
+        except (ImageDecodeError, OSError) as exc:
+            logger.warning("%s: cannot be read for the duplicate check (%s); its pairs stay unconfirmed",
+                           rows.paths[index], exc)
+            windows[index] = None
+    confirmed = confirm_pairs(pairs, windows, min_correlation=params.duplicate_pixel_correlation)
+    logger.info("near-duplicates: %d candidate pair(s) with cosine >= %g, %d confirmed by the pixel check",
+                len(pairs), params.duplicate_cosine, len(confirmed))
+    return describe_groups(group_pairs(confirmed, len(rows.paths)), confirmed, rows)
+
+
+def check_labels(rows: Rows, params: AuditParams) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """({"status": "ran" | "skipped", "reason", ...}, label findings most likely first)."""
+    reason = label_check_skip(rows.labels, rows.classes, params.label_folds)
+    if reason:
+        logger.warning("label check skipped: %s", reason)
+        return {"status": "skipped", "reason": reason}, []
+    proba = out_of_fold_proba(rows.features, rows.labels, folds=params.label_folds, C=params.label_C,
+                              seed=params.seed)
+    issues = label_issues(proba, rows.labels, filter_by=params.label_filter)
+    check = {"status": "ran", "reason": None, "folds": params.label_folds, "C": params.label_C,
+             "filter": params.label_filter,
+             "out_of_fold_accuracy": round(float(np.mean(proba.argmax(1) == rows.labels)), 4)}
+    return check, [{"path": rows.paths[i], "split": str(rows.split[i]), "given": rows.classes[rows.labels[i]],
+                    "suggested": rows.classes[s], "score": score} for i, s, score in issues]
+
+
+def find_outliers(rows: Rows, params: AuditParams) -> list[dict[str, Any]]:
+    """Images far from every other image, largest z first."""
+    scores, z = outlier_scores(rows.features, k=params.outlier_k)
+    flagged = np.flatnonzero(z > params.outlier_z)
+    return [{"path": rows.paths[i], "split": str(rows.split[i]), "class": rows.classes[rows.labels[i]],
+             "score": round(float(scores[i]), 4), "z": round(float(z[i]), 2)}
+            for i in flagged[np.argsort(-z[flagged], kind="stable")]]
+
+
+def audit_rows(rows: Rows, *, raw: Path, params: AuditParams) -> dict[str, Any]:
+    """Every check on `rows`: the audit.json content (without provenance and seconds)."""
+    try:
+        heldout = heldout_split(rows.split)
+    except ProtocolError:
+        heldout = None
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    duplicates = find_duplicates(rows, raw=raw, params=params)
+    timings["duplicates"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    label_check, issues = check_labels(rows, params)
+    timings["label_issues"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    outliers = find_outliers(rows, params)
+    timings["outliers"] = time.perf_counter() - tick
+    within = [g for g in duplicates if not g["cross_split"]]
+    leakage = [g for g in duplicates if g["cross_split"]]
+    leakage_pairs = [p for g in leakage for p in g["cross_split_pairs"]]
+    dropped = heldout_drops(duplicates, heldout) if heldout and params.cross_split == "drop_from_heldout" else []
+    flagged = ({p for g in duplicates for p in g["paths"]} | {f["path"] for f in issues}
+               | {f["path"] for f in outliers})
+    return {
+        "n_images": len(rows.paths), "heldout_split": heldout, "policy": params.cross_split,
+        "counts": {"duplicate_groups": len(within), "duplicate_images": sum(len(g["paths"]) for g in within),
+                   "leakage_groups": len(leakage), "leakage_pairs": len(leakage_pairs),
+                   "label_issues": len(issues), "outliers": len(outliers), "dropped_from_heldout": len(dropped),
+                   "flagged_images": len(flagged)},
+        "flagged_fraction": round(len(flagged) / max(1, len(rows.paths)), 4),
+        "label_check": label_check, "leakage_pairs": leakage_pairs, "dropped_from_heldout": dropped,
+        "duplicates": duplicates, "label_issues": issues, "outliers": outliers,
+        "seconds": {k: round(v, 3) for k, v in timings.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def findings_csv(report: dict[str, Any]) -> str:
+    """audit.csv: one row per finding (paths, splits and classes of a group joined with ';')."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for g in report["duplicates"]:
+        writer.writerow({"kind": "leakage" if g["cross_split"] else "duplicates", "paths": ";".join(g["paths"]),
+                         "splits": ";".join(g["splits"]), "classes": ";".join(g["classes"]), "score": g["score"],
+                         "suggested_label": ""})
+    for f in report["label_issues"]:
+        writer.writerow({"kind": "label_issues", "paths": f["path"], "splits": f["split"], "classes": f["given"],
+                         "score": f["score"], "suggested_label": f["suggested"]})
+    for f in report["outliers"]:
+        writer.writerow({"kind": "outliers", "paths": f["path"], "splits": f["split"], "classes": f["class"],
+                         "score": f["z"], "suggested_label": ""})
+    return buffer.getvalue()
+
+
+def sheet_tiles(report: dict[str, Any], kind: str) -> list[tuple[str, list[str]]]:
+    """(path, caption lines) per thumbnail of a kind's contact sheet, in the report's order."""
+    if kind in ("duplicates", "leakage"):
+        tiles = []
+        for n, g in enumerate(g for g in report["duplicates"] if g["cross_split"] == (kind == "leakage")):
+            for path, split, cls in zip(g["paths"], g["splits"], g["classes"]):
+                tiles.append((path, [f"group {n + 1}  cos {g['score']:.3f}", f"{split} / {cls}", path]))
+        return tiles
+    if kind == "label_issues":
+        return [(f["path"], [f"{f['given']} -> {f['suggested']}", f"score {f['score']:.3f}  {f['split']}",
+                             f["path"]]) for f in report["label_issues"]]
+    return [(f["path"], [f"z {f['z']:.1f}  dist {f['score']:.3f}", f"{f['split']} / {f['class']}", f["path"]])
+            for f in report["outliers"]]
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """text shortened from the left ("...tail") until it fits `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength("..." + text, font=font) > width:
+        text = text[1:]
+    return "..." + text
+
+
+def contact_sheet(raw: Path, tiles: Sequence[tuple[str, list[str]]], *, title: str, max_tiles: int,
+                  columns: int = 6) -> Image.Image:
+    """A PIL image of up to max_tiles thumbnails (THUMB px) with caption lines under each; a small card saying
+    "no findings" when tiles is empty. Images that cannot be read get a grey tile."""
+    font = ImageFont.load_default()
+    cell_w, line_h = THUMB + 64, 12
+    cell_h = THUMB + 6 + 3 * line_h + 8
+    shown = list(tiles)[:max_tiles]
+    rows = max(1, -(-len(shown) // columns))
+    width = cell_w * (columns if shown else 3)
+    sheet = Image.new("RGB", (width, 24 + (rows * cell_h if shown else 30)), "white")
+    draw = ImageDraw.Draw(sheet)
+    more = f" (first {len(shown)} of {len(tiles)})" if len(tiles) > len(shown) else ""
+    draw.text((6, 6), _fit_text(draw, title + more, font, width - 12), fill="black", font=font)
+    if not shown:
+        draw.text((6, 30), "no findings", fill=(90, 90, 90), font=font)
+        return sheet
+    for n, (path, lines) in enumerate(shown):
+        x, y = (n % columns) * cell_w, 24 + (n // columns) * cell_h
+        try:
+            image, _ = load_rgb(raw / path, draft_size=THUMB)
+            image.thumbnail((THUMB, THUMB))
+        except (ImageDecodeError, OSError):
+            image = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
+        sheet.paste(image, (x + (cell_w - image.width) // 2, y + (THUMB - image.height) // 2))
+        for i, line in enumerate(lines):
+            draw.text((x + 4, y + THUMB + 6 + i * line_h), _fit_text(draw, line, font, cell_w - 8), fill="black",
+                      font=font)
+    return sheet
+
+
+def write_contact_sheets(out_dir: Path, report: dict[str, Any], *, raw: Path, backbone: str, max_tiles: int) -> None:
+    """out_dir/<kind>.png for every kind (a "no findings" card for an empty one)."""
+    titles = {"duplicates": "near-duplicates within a split", "leakage": "near-duplicates across splits (leakage)",
+              "label_issues": "likely label errors (given -> suggested)",
+              "outliers": "outliers (far from every other image; robust z)"}
+    for kind in KINDS:
+        sheet = contact_sheet(raw, sheet_tiles(report, kind), title=f"{backbone}: {titles[kind]}",
+                              max_tiles=max_tiles)
+        with atomic_path(out_dir / f"{kind}.png") as tmp:
+            sheet.save(tmp, format="PNG")
+
+
+# ------------------------------------------------------------------------------------------------ stage
+def read_rows(*, backbone: str, features_path: Path, manifest_path: Path, weights_path: Path, layer: str) -> Rows:
+    """The checked features of `layer` (an alias such as mid is resolved), one L2-normalized row per image."""
+    from stages.features import read_features
+
+    probe = read_features(features_path, layers=[])  # attributes only: resolve the alias before reading
+    aliases = probe.attrs.get("layer_aliases") or {}
+    stored = list(probe.attrs.get("layers") or [])
+    if aliases.get(layer, layer) not in stored:
+        raise AuditError(f"audit.layer {layer!r} is not in {features_path}, which holds {stored} (aliases "
+                         f"{aliases}); set audit.layer to one of them or add it to extract.layers (params.yaml)")
+    data, _ = read_checked(features_path, backbone=backbone, manifest_path=manifest_path,
+                           weights_path=weights_path, layers=[aliases.get(layer, layer)])
+    x = next(iter(data.features.values()))
+    views = views_per_image(data.attrs)
+    n = len(data.paths) // views
+    if views > 1:
+        x = x.reshape(n, views, x.shape[1]).mean(1, dtype=np.float32)
+    return Rows(features=l2_normalize(x), labels=data.labels[::views], split=data.split[::views],
+                paths=data.paths[::views], classes=list(data.attrs["classes"]))
+
+
+def run_audit(*, backbone: str, features_path: Path, manifest_path: Path, weights_path: Path, raw: Path,
+              reports_dir: Path, params: AuditParams) -> dict[str, Any]:
+    """The whole stage: read and check the features, run every check, write audit.json, audit.csv, the contact
+    sheets and audit/heldout.json. Returns audit.json's content."""
+    start = time.perf_counter()
+    rows = read_rows(backbone=backbone, features_path=features_path, manifest_path=manifest_path,
+                     weights_path=weights_path, layer=params.layer)
+    report = {"backbone": backbone, "layer": params.layer, **audit_rows(rows, raw=raw, params=params),
+              "thresholds": {"duplicate_cosine": params.duplicate_cosine,
+                             "duplicate_neighbors": params.duplicate_neighbors,
+                             "duplicate_pixel_correlation": params.duplicate_pixel_correlation,
+                             "outlier_k": params.outlier_k, "outlier_z": params.outlier_z}}
+    tick = time.perf_counter()
+    write_contact_sheets(reports_dir / "audit", report, raw=raw, backbone=backbone, max_tiles=params.sheet_max)
+    report["seconds"]["contact_sheets"] = round(time.perf_counter() - tick, 3)
+    report["seconds"]["total"] = round(time.perf_counter() - start, 3)
+    write_json(reports_dir / "audit" / "heldout.json", {
+        "policy": params.cross_split, "heldout_split": report["heldout_split"],
+        "dropped_from_heldout": report["dropped_from_heldout"]})
+    write_text(reports_dir / "audit.csv", findings_csv(report))
+    write_json(reports_dir / "audit.json", report)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.audit", description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--features", type=Path, required=True, help="features/<backbone>.h5")
+    parser.add_argument("--manifest", type=Path, required=True, help="data/prepared/manifest.csv")
+    parser.add_argument("--weights", type=Path, required=True, help="the verified weight file (provenance check)")
+    parser.add_argument("--raw", type=Path, required=True, help="data/raw: the images (pixel check, contact sheets)")
+    parser.add_argument("--reports", type=Path, required=True, help="reports/<backbone>")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        params = load_params(args.params).audit
+        report = run_audit(backbone=args.backbone, features_path=args.features, manifest_path=args.manifest,
+                           weights_path=args.weights, raw=args.raw, reports_dir=args.reports, params=params)
+    except (ParamError, FeaturesError, ValueError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
+    c = report["counts"]
+    logger.info("%s: %d image(s): %d near-duplicate group(s) within a split, %d across splits (%d pair(s)), "
+                "%d likely label error(s)%s, %d outlier(s); %.1f%% flagged; %.1f s; wrote %s",
+                args.backbone, report["n_images"], c["duplicate_groups"], c["leakage_groups"], c["leakage_pairs"],
+                c["label_issues"], "" if report["label_check"]["status"] == "ran" else " (label check skipped)",
+                c["outliers"], 100 * report["flagged_fraction"], report["seconds"]["total"],
+                args.reports / "audit.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
