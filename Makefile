@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 PIPELINE_MIRROR ?= $(wildcard $(abspath ..)/shared/datasets)
 export PIPELINE_MIRROR
 
-.PHONY: install run test test-fast bench dvc-init clean finetune finetune-ddp
+.PHONY: install run test test-fast bench bench-quality bench-audit dvc-init clean finetune finetune-ddp
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,8 @@ dvc-init: install
 run: dvc-init
 	dvc repro
 	@echo; sed -n '1,/^## /p' summary/summary.md | grep -v '^## '
-	@echo "Full metrics: dvc metrics show (after: source $(VENV)/bin/activate); reports/ and summary/summary.md"
+	@echo "Full metrics: dvc metrics show; changes since the last commit: dvc metrics diff (after: source $(VENV)/bin/activate)"
+	@echo "Report page (offline): $(abspath summary/report.html)"
 
 # Fine-tune BACKBONE (one of params.yaml `backbones`; several: BACKBONE=a,b) as a DVC experiment: sets
 # params.yaml `finetune.backbones: [$(BACKBONE)]` and runs what changed (needs a git commit, as `dvc exp` does).
@@ -55,6 +56,14 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m stages.bench_extract
+
+# Accuracy levers on held-out data (honest protocol), and the dataset audit's recall/precision on planted problems.
+BENCH_DATASETS ?= $(PIPELINE_MIRROR)/hymenoptera_data $(PIPELINE_MIRROR)/pbc_blood_cells
+bench-quality: install
+	$(BIN)/python -m stages.bench_quality $(BENCH_DATASETS) --work /tmp/bench_quality --out /tmp/bench_quality/table.json
+
+bench-audit: install
+	$(BIN)/python -m stages.bench_audit $(BENCH_DATASETS) --work /tmp/bench_audit
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -78,6 +78,7 @@ class CustomBackbone:
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mid_layer: str | None = None  # the module that extract.layers `mid` names (its last stage before the final one)
     checks = {"source": _source, "input_size": _positive}
 
     def __post_init__(self) -> None:
@@ -99,8 +100,11 @@ class WeightsParams:
 
 @dataclass(frozen=True)
 class PrepareParams:
-    val_fraction: float = 0.2
-    test_fraction: float = 0.0
+    # Used only for splits the dataset has no folder for (stages/prepare.py). The held-out split (the one that is
+    # reported, stages/evaluation.py) is test, drawn by test_fraction when the dataset has neither a val/ nor a
+    # test/ folder; val is optional (selection is by cross-validation on train) and drawn when val_fraction > 0.
+    val_fraction: float = 0.0
+    test_fraction: float = 0.2
     seed: int = 0
     normalization: Literal["backbone", "dataset"] = "backbone"
     stats_size: int = 224
@@ -115,35 +119,58 @@ class PrepareParams:
 @dataclass(frozen=True)
 class ExtractParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: by hardware capability alone, never by a timing (CUDA: its AMP dtype; CPU: bf16 only where native)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     storage_dtype: Literal["float16", "float32"] = "float32"
     batch_size: int = 32
     num_workers: int | Literal["auto"] = "auto"
-    layers: tuple[str, ...] = ("pool",)
+    layers: tuple[str, ...] = ("pool", "mid")  # mid: each backbone's mid_layer (stages/backbones.py)
     tta: tuple[Literal["none", "hflip"], ...] = ("none",)
     tta_mode: Literal["average", "rows"] = "average"
+    # Extra RandomResizedCrop + flip views of each train image, stored apart from the main rows (augmented/<layer>).
+    augment_views: int = 0
+    # Crop size: null = each backbone's own; an int for every backbone; or {backbone name: int}.
+    input_size: int | None | dict[str, int] = None
     # Where the backbone runs: this process (local) or a Ray cluster (ray; stages/extract_ray.py). Same bytes.
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = None  # ray: a cluster to join; null: $RAY_ADDRESS, else a local instance
-    checks = {"batch_size": _positive}
+    checks = {"batch_size": _positive, "augment_views": _non_negative}
+
+    def __post_init__(self) -> None:
+        sizes = self.input_size.values() if isinstance(self.input_size, dict) else [self.input_size]
+        _check(all(s is None or 16 <= s <= 4096 for s in sizes), "extract.input_size",
+               "null, an integer from 16 to 4096, or a mapping {backbone name: integer}", self.input_size,
+               "input_size: {efficientnet_lite0: 260}")
 
 
 @dataclass(frozen=True)
 class HeadParams:
-    kind: Literal["logreg", "linear_svm", "svm_rbf", "softmax"] = "logreg"
-    C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    # Every setting below that is a list is a set of candidates; the protocol (head.selection) chooses among them
+    # on the selection rows only (stages/evaluation.py), never on the held-out split.
+    kind: tuple[Literal["logreg", "linear_svm", "svm_rbf", "softmax"], ...] = ("logreg",)
+    C: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
+    selection: Literal["cv", "val"] = "cv"
+    folds: int = 5
+    feature_sets: tuple[tuple[str, ...], ...] = (("pool",), ("pool", "mid"))
+    normalization: tuple[Literal["standardize", "l2", "l2+standardize"], ...] = ("standardize", "l2+standardize")
+    knn_k: tuple[int, ...] = (1, 5, 10, 20)
+    few_shot: tuple[int, ...] = (1, 2, 5, 10)
+    few_shot_draws: int = 5
     max_iter: int = 2000
-    layer: str = "pool"
-    layers: Literal["one", "all"] = "one"
-    refit_on_val: bool = False
     seed: int = 0
     ece_bins: int = 15
-    checks = {"max_iter": _positive, "ece_bins": _positive}
+    checks = {"max_iter": _positive, "ece_bins": _positive, "knn_k": _positive, "few_shot": _positive,
+              "few_shot_draws": _positive}
 
     def __post_init__(self) -> None:
         _check(len(self.C) > 0 and all(c > 0 for c in self.C), "head.C",
                "a positive float or a list of them", list(self.C), "C: [0.1, 1.0, 10.0]")
+        _check(self.folds >= 2, "head.folds", "an integer of at least 2 (cross-validation folds)", self.folds,
+               "folds: 5")
+        _check(all(len(s) > 0 for s in self.feature_sets), "head.feature_sets",
+               "a list of layer lists, each naming stored layers (pool, mid or a module name)",
+               [list(s) for s in self.feature_sets], "feature_sets: [[pool], [pool, mid]]")
 
 
 @dataclass(frozen=True)
@@ -154,30 +181,92 @@ class FinetuneParams:
     regime: Literal["head", "partial", "full"] = "partial"
     unfreeze_from: str = "blocks.5"
     init_head: Literal["probe", "random"] = "probe"
-    epochs: int = 3
+    epochs: int = 5
     batch_size: int = 32
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr_backbone: float = 1e-4
-    lr_head: float = 1e-3
+    lr_head: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 0.01
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
     grad_clip: float | None = 1.0
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batchnorm: Literal["frozen", "train"] = "frozen"
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    selection_fraction: float = 0.15
     patience: int = 3
     resume: bool = True
     seed: int = 0
     num_workers: int | Literal["auto"] = "auto"
     checks = {"epochs": _positive, "batch_size": _positive, "lr_backbone": _non_negative,
               "lr_head": _positive, "weight_decay": _non_negative, "warmup_epochs": _non_negative,
-              "label_smoothing": _fraction, "grad_clip": _positive, "patience": _positive}
+              "label_smoothing": _fraction, "grad_clip": _positive, "patience": _positive,
+              "selection_fraction": _positive}
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        _check(0.0 < low <= high <= 1.0, "finetune.crop_scale",
+               "[min, max] fractions of the image area with 0 < min <= max <= 1", list(self.crop_scale),
+               "crop_scale: [0.35, 1.0]")
+        _check(self.selection_fraction < 1.0, "finetune.selection_fraction", "a fraction in (0, 1)",
+               self.selection_fraction, "selection_fraction: 0.15")
+
+
+def _unit_interval(key: str, value: float) -> None:
+    _check(0.0 < value <= 1.0, key, "a number in (0, 1]", value)
+
+
+@dataclass(frozen=True)
+class AuditParams:
+    # Dataset audit on the cached features (stages/audit.py). Thresholds were set from `python -m stages.bench_audit`
+    # on hymenoptera_data and pbc_blood_cells (planted duplicates, flips, off-topic images), not tuned to one set.
+    layer: str = "pool"  # the stored layer whose features every check uses (pool, mid or a module name)
+    duplicate_cosine: float = 0.8  # candidate pairs: cosine similarity of the L2-normalized features >= this
+    duplicate_neighbors: int = 10  # nearest neighbours searched per image (faiss); also the largest group seen at once
+    # confirmation: the best Pearson correlation of small grayscale thumbnails over crop windows >= this
+    duplicate_pixel_correlation: float = 0.92
+    cross_split: Literal["report", "drop_from_heldout"] = "report"  # duplicates across splits: only listed, or the
+    #                                       held-out copies also left out of head's held-out evaluation (listed)
+    label_folds: int = 5  # out-of-fold probabilities of the probe (standardized logreg); a class needs this many
+    label_C: float = 1.0  # the probe's inverse regularisation
+    # cleanlab.filter.find_label_issues filter_by: which out-of-fold disagreements count as likely label errors
+    label_filter: Literal["low_self_confidence", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                          "predicted_neq_given", "low_normalized_margin"] = "low_self_confidence"
+    outlier_k: int = 10  # outlier score: median cosine distance to the k nearest other images
+    outlier_z: float = 3.5  # outlier when the score's robust z-score over the dataset (median, MAD) is above this
+    sheet_max: int = 48  # thumbnails per contact sheet
+    seed: int = 0
+    checks = {"duplicate_cosine": _unit_interval, "duplicate_neighbors": _positive,
+              "duplicate_pixel_correlation": _unit_interval, "label_C": _positive, "outlier_k": _positive,
+              "outlier_z": _positive, "sheet_max": _positive}
+
+    def __post_init__(self) -> None:
+        _check(self.label_folds >= 2, "audit.label_folds", "an integer of at least 2 (cross-validation folds)",
+               self.label_folds, "label_folds: 5")
+
+
+PRIMARY_METRICS = ("heldout.accuracy", "heldout.mean_class_accuracy", "heldout.macro_f1")
+
+
+def _primary_metric(key: str, value: str) -> None:
+    allowed = "one of " + ", ".join(repr(m) for m in PRIMARY_METRICS)
+    if value.split(".", 1)[0] in ("val", "test"):
+        suggestion = f"heldout.{value.split('.', 1)[-1]}"
+        raise ParamError(
+            f"{key} must be {allowed}; got {value!r}. val.* and test.* keys no longer exist: every metric is "
+            f"measured on the held-out split only (test when the dataset has one, else val), which chooses nothing, "
+            f"and is reported under heldout.* (summary.json names the split in heldout_split). "
+            f"Edit params.yaml, e.g. `primary_metric: "
+            f"{suggestion if suggestion in PRIMARY_METRICS else PRIMARY_METRICS[0]}`.")
+    _check(value in PRIMARY_METRICS, key, allowed, value, "primary_metric: heldout.accuracy")
 
 
 @dataclass(frozen=True)
 class ReportParams:
-    primary_metric: Literal["val.accuracy", "val.mean_class_accuracy", "val.macro_f1",
-                            "test.accuracy"] = "val.accuracy"
+    # Every reported metric is measured on the held-out split (stages/evaluation.py), under heldout.*.
+    primary_metric: str = "heldout.accuracy"
+    checks = {"primary_metric": _primary_metric}
 
 
 @dataclass(frozen=True)
@@ -190,6 +279,7 @@ class Params:
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
     report: ReportParams = ReportParams()
+    audit: AuditParams = AuditParams()
 
 
 def _describe(tp: Any) -> str:
@@ -242,7 +332,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             out = {}
             for name, sub in value.items():
                 _name(f"{key}.{name}", str(name))
-                out[str(name)] = _build(inner, sub, f"{key}.{name}")
+                out[str(name)] = _convert(inner, sub, f"{key}.{name}")
             return out
     elif dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
@@ -359,19 +449,44 @@ def check_command_names(raw: Any) -> None:
             _name(f"{key}[{i}]", name)
 
 
+# What `--check --out` writes: the same bytes for every valid params.yaml, so that the `params` stage of dvc.yaml
+# re-runs on any change to params.yaml without making the stages downstream of its output re-run.
+VALID_MARKER = "params.yaml is valid (python -m stages.params --check)\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.params [params.yaml]`: exit 1 with the ParamError when a name is unsafe (see above)."""
+    """`python -m stages.params [params.yaml]`: exit 1 with the ParamError when a name is unsafe (see above).
+
+    `--check`: validate every key and value (`load_params`, backbone names against the registry) instead; with
+    `--out PATH`, write VALID_MARKER there (atomically) when valid. This is dvc.yaml's `params` stage: every
+    first-level stage depends on its output, so DVC runs it first and an invalid params.yaml stops `dvc repro`
+    before any stage has removed its outputs.
+    """
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m stages.params", description=check_command_names.__doc__)
     parser.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--check", action="store_true", help="validate every key and value (imports the registry)")
+    parser.add_argument("--out", type=Path, help="with --check: write a marker file here when params.yaml is valid")
     args = parser.parse_args(argv)
+    if args.out and not args.check:
+        parser.error("--out needs --check")
     try:
-        check_command_names(read_params_yaml(args.params))
+        if args.check:
+            load_params(args.params)
+        else:
+            check_command_names(read_params_yaml(args.params))
     except ParamError as exc:
         print(f"params: error: {exc}", file=sys.stderr)
         return 1
+    if args.out:
+        from stages.io import write_text
+        try:
+            write_text(args.out, VALID_MARKER)
+        except OSError as exc:
+            print(f"params: error: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import ParamError, Params, load_params, parse_params
+from stages import params as params_module
+from stages.params import ParamError, Params, PrepareParams, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,16 +100,23 @@ BAD_VALUES = [
     ("extract.layers", [3], "extract.layers[0] must be a string"),
     ("extract.tta", ["vflip"], "extract.tta[0] must be one of 'none', 'hflip'"),
     ("extract.tta_mode", "max", "extract.tta_mode must be one of 'average', 'rows'"),
+    ("extract.augment_views", -1, "extract.augment_views must be zero or a positive number"),
+    ("extract.input_size", 8, "extract.input_size must be null, an integer from 16 to 4096, or a mapping"),
+    ("extract.input_size", {"efficientnet_lite0": 5000}, "extract.input_size must be null, an integer from 16"),
     ("extract.engine", "dask", "extract.engine must be one of 'local', 'ray'"),
     ("extract.ray_address", 6379, "extract.ray_address must be a string or null"),
-    ("head.kind", "mlp", "head.kind must be one of 'logreg', 'linear_svm', 'svm_rbf', 'softmax'"),
+    ("head.kind", "mlp", "head.kind[0] must be one of 'logreg', 'linear_svm', 'svm_rbf', 'softmax'"),
+    ("head.selection", "kfold", "head.selection must be one of 'cv', 'val'"),
+    ("head.folds", 1, "head.folds must be an integer of at least 2"),
+    ("head.feature_sets", [[]], "head.feature_sets[0] must be a list"),
+    ("head.normalization", ["zscore"], "head.normalization[0] must be one of 'standardize', 'l2', 'l2+standardize'"),
+    ("head.knn_k", [0], "head.knn_k must be a positive number"),
+    ("head.few_shot", [0], "head.few_shot must be a positive number"),
+    ("head.few_shot_draws", 0, "head.few_shot_draws must be a positive number"),
     ("head.C", -1, "head.C must be a positive float or a list of them"),
     ("head.C", [1.0, 0], "head.C must be a positive float or a list of them"),
     ("head.C", "big", "head.C[0] must be a number"),
     ("head.max_iter", 0, "head.max_iter must be a positive"),
-    ("head.layer", None, "head.layer must be a string"),
-    ("head.layers", "some", "head.layers must be one of 'one', 'all'"),
-    ("head.refit_on_val", 1, "head.refit_on_val must be true or false"),
     ("head.seed", "0", "head.seed must be an integer"),
     ("head.ece_bins", 0, "head.ece_bins must be a positive"),
     ("finetune.backbones", ["Res Net"], "finetune.backbones[0] must be a name"),
@@ -130,11 +138,27 @@ BAD_VALUES = [
     ("finetune.label_smoothing", 1.0, "finetune.label_smoothing must be a fraction"),
     ("finetune.grad_clip", 0, "finetune.grad_clip must be a positive"),
     ("finetune.precision", "half", "finetune.precision must be one of"),
+    ("finetune.batchnorm", "eval", "finetune.batchnorm must be one of 'frozen', 'train'"),
+    ("finetune.crop_scale", [0.5, 0.2], "finetune.crop_scale must be [min, max] fractions"),
+    ("finetune.selection_fraction", 1.0, "finetune.selection_fraction must be a fraction in (0, 1)"),
     ("finetune.patience", 0, "finetune.patience must be a positive"),
     ("finetune.resume", "no", "finetune.resume must be true or false"),
     ("finetune.seed", None, "finetune.seed must be an integer"),
     ("finetune.num_workers", "x", "finetune.num_workers must be"),
     ("report.primary_metric", "accuracy", "report.primary_metric must be one of"),
+    # audit (stages/audit.py)
+    ("audit.layer", 5, "audit.layer must be a string"),
+    ("audit.duplicate_cosine", 0, "audit.duplicate_cosine must be a number in (0, 1]"),
+    ("audit.duplicate_neighbors", 0, "audit.duplicate_neighbors must be a positive"),
+    ("audit.duplicate_pixel_correlation", 1.5, "audit.duplicate_pixel_correlation must be a number in (0, 1]"),
+    ("audit.cross_split", "drop", "audit.cross_split must be one of 'report', 'drop_from_heldout'"),
+    ("audit.label_folds", 1, "audit.label_folds must be an integer of at least 2"),
+    ("audit.label_C", 0, "audit.label_C must be a positive"),
+    ("audit.label_filter", "all", "audit.label_filter must be one of 'low_self_confidence'"),
+    ("audit.outlier_k", 0, "audit.outlier_k must be a positive"),
+    ("audit.outlier_z", -1, "audit.outlier_z must be a positive"),
+    ("audit.sheet_max", 0, "audit.sheet_max must be a positive"),
+    ("audit.seed", 0.5, "audit.seed must be an integer"),
 ]
 
 
@@ -158,6 +182,41 @@ def test_fractions_must_leave_training_images(raw: dict) -> None:
     bad = with_value(with_value(raw, "prepare.val_fraction", 0.6), "prepare.test_fraction", 0.5)
     with pytest.raises(ParamError, match=re.escape("prepare.val_fraction + prepare.test_fraction")):
         parse_params(bad)
+
+
+def test_prepare_defaults_hold_out_a_test_split_and_need_no_val(raw: dict) -> None:
+    """Selection is by cross-validation on train; test is the held-out split that is reported."""
+    assert (PrepareParams().val_fraction, PrepareParams().test_fraction) == (0.0, 0.2)
+    assert parse_params(raw).prepare == PrepareParams()  # params.yaml states the defaults
+    assert parse_params({}).prepare == PrepareParams()
+
+
+def test_check_writes_the_same_marker_for_every_valid_params_yaml(raw: dict, tmp_path: Path, capsys) -> None:
+    """dvc.yaml's `params` stage: valid -> identical bytes (downstream stages stay cached); invalid -> exit 1
+    naming the key, and no marker."""
+    markers = []
+    for i, variant in enumerate((raw, with_value(raw, "head.C", [0.5]), with_value(raw, "backbones", ["resnet50"]))):
+        path = tmp_path / f"params{i}.yaml"
+        path.write_text(yaml.safe_dump(variant, sort_keys=False))
+        out = tmp_path / f"ok{i}" / "params.ok"
+        assert params_module.main(["--check", "--out", str(out), str(path)]) == 0
+        markers.append(out.read_bytes())
+    assert markers == [params_module.VALID_MARKER.encode()] * 3
+    for dotted, value, message in (("backbones", ["efficientnet_lite3"], "backbones[0] must be a registered backbone"),
+                                   ("prepare.stats_sise", 224, "unknown parameter 'prepare.stats_sise'"),
+                                   ("reprot", {}, "unknown parameter 'reprot'. Did you mean 'report'?")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(with_value(raw, dotted, value), sort_keys=False))
+        out = tmp_path / "bad" / "params.ok"
+        assert params_module.main(["--check", "--out", str(out), str(path)]) == 1
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    # without --check only the names interpolated into commands are checked (no registry import)
+    path.write_text(yaml.safe_dump(with_value(raw, "backbones", ["efficientnet_lite3"]), sort_keys=False))
+    assert params_module.main([str(path)]) == 0
+    with pytest.raises(SystemExit):
+        params_module.main(["--out", str(out), str(path)])
+    assert "--out needs --check" in capsys.readouterr().err
 
 
 def test_scalar_c_becomes_a_list_and_custom_backbone_is_accepted(raw: dict) -> None:

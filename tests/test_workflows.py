@@ -3,9 +3,13 @@
 One module-scoped `dvc repro` (hymenoptera, 10 images per split and class, efficientnet_lite0) is committed
 to git as the baseline; after each test the workspace is put back to it (`git reset --hard`, `dvc checkout`),
 so every test starts from the same committed run. Which stages ran is read from DVC's own output.
+
+The `params` stage (`python -m stages.params --check`) is upstream of every other stage: it re-runs whenever
+params.yaml changes, and its output (the same bytes for every valid params.yaml) lets nothing else re-run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -24,8 +28,9 @@ pytestmark = pytest.mark.slow
 
 LITE0, LITE1 = "efficientnet_lite0", "efficientnet_lite1"
 SMOKE = {"backbones": [LITE0], "data.max_per_class": 10}
-STAGE_MODULES = ("data", "prepare", "weights", "extract", "head", "report")
-UPSTREAM_OF_LITE0 = {"data", "prepare", f"weights@{LITE0}", f"extract@{LITE0}", f"head@{LITE0}"}
+STAGE_MODULES = ("params", "data", "prepare", "weights", "extract", "head", "report")
+UPSTREAM_OF_LITE0 = {"params", "data", "prepare", f"weights@{LITE0}", f"extract@{LITE0}", f"head@{LITE0}",
+                     f"audit@{LITE0}"}  # the dataset audit (stages/audit.py) runs between extract and head
 
 
 class Pipeline:
@@ -105,8 +110,8 @@ def test_exp_run_adding_a_backbone_extracts_only_it_and_exp_show_lists_it(repo: 
     ran = stages_run(output)
     assert {f"weights@{LITE1}", f"extract@{LITE1}", f"head@{LITE1}", "report"} <= ran, output
     # lite0's weights, features and head are reused. (prepare may rerun: it depends on `backbones`;
-    # its manifest comes out byte-identical, which is why extract@lite0 is skipped.)
-    assert not ran & (UPSTREAM_OF_LITE0 - {"prepare"}), output
+    # its manifest comes out byte-identical, which is why extract@lite0 is skipped. params re-checks params.yaml.)
+    assert not ran & (UPSTREAM_OF_LITE0 - {"prepare", "params"}), output
     assert {f"weights@{LITE0}", f"extract@{LITE0}", f"head@{LITE0}"} <= skipped_stages(output), output
     assert (repo.root / "features" / f"{LITE1}.h5").is_file()  # the experiment is applied to the workspace
 
@@ -117,17 +122,15 @@ def test_exp_run_adding_a_backbone_extracts_only_it_and_exp_show_lists_it(repo: 
     assert found, json.dumps(shown)[:3000]
     summary = found[0]["metrics"]["summary/summary.json"]["data"]
     assert set(summary["rows"]) == {LITE0, LITE1}
-    assert 0.5 <= summary["rows"][LITE1]["val"]["accuracy"] <= 1.0
+    assert 0.5 <= summary["rows"][LITE1]["heldout"]["accuracy"] <= 1.0
     assert f"reports/{LITE1}/metrics.json" in found[0]["metrics"]
-    markdown = (repo.root / "summary" / "summary.md").read_text()
-    assert f"| {LITE1} | (row added) | - | val.accuracy " in markdown  # vs the committed baseline
     table = repo("dvc", "exp", "show", "--no-pager", "--md", "--drop", ".*",
-                 "--keep", r"Experiment|best.*|rows\..*\.val\.accuracy|backbones|head\.C")
+                 "--keep", rf"Experiment|best.*|rows\.{LITE1}\.heldout\.accuracy.*|backbones|head\.C")
     print(table)
-    header = table.splitlines()[0]
-    assert [c.strip() for c in header.strip("|").split("|")] == [
-        "Experiment", "best", "best_value", f"rows.{LITE0}.val.accuracy", f"rows.{LITE1}.val.accuracy",
-        "backbones", "head.C"], table
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    # the held-out accuracy and its 95% interval side by side, as a user comparing experiments sees them
+    assert {f"rows.{LITE1}.heldout.accuracy", f"rows.{LITE1}.heldout.accuracy_ci_low",
+            f"rows.{LITE1}.heldout.accuracy_ci_high", "backbones", "head.C"} <= set(header), table
 
 
 def _walk_exp_data(node: Any) -> Iterator[dict]:
@@ -152,13 +155,12 @@ def test_repro_single_stage_then_metrics_diff_shows_the_change(repo: Pipeline) -
     assert head_diff["C"] == {"old": before["C"], "new": 1000.0, "diff": 1000.0 - before["C"]}
     assert "summary/summary.json" not in diff  # the report stage did not run yet
 
-    assert stages_run(repo("dvc", "repro")) == {"report"}
+    assert stages_run(repo("dvc", "repro")) == {"params", "report"}  # params: head.C changed, still valid
     diff = repo.run_json("dvc", "metrics", "diff", "--json")
     assert diff["summary/summary.json"][f"rows.{LITE0}.C"]["new"] == 1000.0
     table = repo("dvc", "metrics", "diff")
     assert f"rows.{LITE0}.C" in table and "HEAD" in table and "workspace" in table
-    markdown = (repo.root / "summary" / "summary.md").read_text()
-    assert f"| {LITE0} | C | {before['C']:.4f} | 1000.0000 |" in markdown
+    assert "dvc metrics diff" in (repo.root / "summary" / "summary.md").read_text()  # where changes are shown
 
 
 def test_plots_show_and_diff_write_html_offline(repo: Pipeline, tmp_path: Path) -> None:
@@ -167,7 +169,7 @@ def test_plots_show_and_diff_write_html_offline(repo: Pipeline, tmp_path: Path) 
         repo(*cmd, "-o", str(out))
         html = (out / "index.html").read_text()
         # the vega-lite scatter from comparison.json, with the axis titles from dvc.yaml
-        assert "feature extraction seconds per 1000 images" in html and "validation accuracy" in html
+        assert "feature extraction seconds per 1000 images" in html and "held-out accuracy" in html
         assert 'id="summary_comparison_png"' in html
         for rev in revs:  # the PNG is copied next to the page, one per revision
             png = out / "static" / f"{rev}_summary_comparison.png"
@@ -218,3 +220,74 @@ def test_team_cache_a_fresh_clone_pulls_the_features_and_extracts_nothing(repo: 
             assert "up to date" in repo("dvc", "status", cwd=clone)
     finally:
         repo("git", "reset", "-q", "--hard", baseline)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file of the workspace but .git/ and .dvc/."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
+            if p.is_file() and not {".git", ".dvc"} & set(p.relative_to(root).parts)}
+
+
+INVALID_PARAMS = [  # (dotted key, invalid value, what the error must say)
+    ("backbones", [LITE0, "efficientnet_lite3"], "backbones[1] must be a registered backbone or one declared "
+                                                 "under weights.custom; got 'efficientnet_lite3'"),
+    ("prepare.stats_sise", 224, "unknown parameter 'prepare.stats_sise'. Did you mean 'stats_size'?"),
+    ("head.C", [-1.0], "head.C must be a positive float or a list of them; got [-1.0]"),
+    ("reprot", {"primary_metric": "heldout.accuracy"}, "unknown parameter 'reprot'. Did you mean 'report'?"),
+]
+
+
+def test_invalid_params_yaml_fails_first_and_leaves_every_output_in_place(repo: Pipeline) -> None:
+    """The `params` stage is upstream of data and weights@, so DVC runs it before any stage whose params changed
+    (and whose outputs DVC would remove before running it): a bad backbone name used to cost reports/prepare/."""
+    before = snapshot(repo.root)
+    assert "data/params.ok" in before and "reports/prepare/summary.json" in before
+    for dotted, value, message in INVALID_PARAMS:
+        repo.set_param(dotted, value)
+        result = subprocess.run(["dvc", "repro"], cwd=repo.root, env=repo.env, capture_output=True, text=True,
+                                timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output
+        assert f"params: error: {message}" in output, output[-3000:]
+        assert stages_run(output) == {"params"}, output
+        after = snapshot(repo.root)
+        # only the check's own marker is gone (DVC removes a stage's outputs before running it)
+        assert set(before) - set(after) == {"data/params.ok"} and set(after) <= set(before), output
+        assert {k: v for k, v in after.items() if k != "params.yaml"} == {
+            k: v for k, v in before.items() if k in after and k != "params.yaml"}
+        repo("git", "checkout", "-q", "params.yaml")
+    output = repo("dvc", "repro")  # the valid params again: the marker comes back, nothing else runs
+    assert stages_run(output) <= {"params"}, output
+    assert "up to date" in repo("dvc", "status", "dvc.yaml")
+    assert snapshot(repo.root) == before
+
+
+def test_a_changed_custom_backbone_entry_re_extracts_its_features(repo: Pipeline, tmp_path: Path) -> None:
+    """extract@ tracks weights.custom (arch, input size, mean/std) and classes.json, so a changed custom backbone
+    cannot leave stale features. The backbone: timm's tiny test_efficientnet with random weights, 32x32 input."""
+    import h5py
+    import timm
+    import torch
+
+    weights = tmp_path / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), weights)
+    entry = {"arch": "timm:test_efficientnet", "source": str(weights),
+             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "input_size": 32, "resize": 36}
+    stage = "extract@tiny"
+    extract = yaml.safe_load((repo.root / "dvc.yaml").read_text())["stages"]["extract"]
+    assert "weights.custom" in extract["params"] and "data/prepared/classes.json" in extract["deps"]
+
+    repo.set_param("backbones", [LITE0, "tiny"])
+    repo.set_param("weights.custom", {"tiny": entry})
+    assert {"weights@tiny", stage} <= stages_run(repo("dvc", "repro", stage))
+    assert repo.run_json("dvc", "status", "--json", stage) == {}
+    features = (repo.root / "features/tiny.h5").read_bytes()
+
+    repo.set_param("weights.custom", {"tiny": {**entry, "mean": [0.5, 0.5, 0.5]}})
+    assert repo.run_json("dvc", "status", "--json", stage) == {
+        stage: [{"changed deps": {"params.yaml": {"weights.custom": "modified"}}}]}  # DVC lists params as deps
+    assert stage in stages_run(repo("dvc", "repro", stage))
+    assert (repo.root / "features/tiny.h5").read_bytes() != features
+    with h5py.File(repo.root / "features/tiny.h5", "r") as h5:
+        assert json.loads(h5.attrs["preprocess"])["mean"] == [0.5, 0.5, 0.5]
