@@ -14,14 +14,44 @@ Regimes (`finetune.regime`):
 
 `finetune.init_head: probe` starts the classifier from the linear probe the head stage exported
 (models/<backbone>/classifier.pt, scaler folded into weight/bias): LP-FT. `random` starts from a seeded init.
+Before any update the net computes exactly the probe (tests/test_finetune.py checks it in eval and in train mode);
+its held-out predictions are the `probe` row of predictions.json.
+
+Why fine-tuning used to lose the probe it started from (measured on pbc_blood_cells, efficientnet_lite0, partial
+from blocks.5, 64 train images through the probe-initialised net before any step: loss / accuracy):
+  eval mode, centre crop (= the probe)         0.02 / 1.00
+  BatchNorm in train mode, centre crop       147    / 0.14   <- the cause
+  eval mode, RandomResizedCrop(0.08-1)+flip    6.4  / 0.72   <- the second cause
+  both (the old recipe)                      153    / 0.17   (epoch 1 train loss 22.5 on pbc, 10.4 on hymenoptera)
+The folded probe has huge weights where a feature barely varies (|W| mean 0.7, max 666; feature std median 0.1):
+exact on the features it was fit on, but BatchNorm re-estimating statistics on each batch of 32 shifts every
+feature, and those weights turn the shift into logits tens of nats off; the first updates then destroy the probe.
+Refactoring the fold into an explicit standardize + linear layer computes the same function (same sensitivity), so
+the fix is elsewhere: `finetune.batchnorm: frozen` (default) keeps every BatchNorm layer on its pretrained running
+statistics (affine weights still train), and `finetune.crop_scale` (default [0.35, 1]) keeps crops close to the
+centre-crop view the probe was fit on (0.35-1: loss 0.30 / 0.89; 0.6-1: 0.13 / 1.00).
+
+Default recipe (params.yaml), chosen on both development datasets with efficientnet_lite0 on CPU: partial from
+blocks.5, AdamW at 1e-4 for backbone and head alike (the probe is already trained), 5 epochs, frozen BatchNorm,
+crops of 35-100% of the area. pbc_blood_cells (test, 240 images): 0.958 [0.925, 0.977] from the probe's 0.888
+[0.841, 0.922], above its interval; hymenoptera (val, 153 images): 0.941 [0.892, 0.969] from 0.948 [0.900, 0.973],
+not better (ImageNet-like images, the probe is near its ceiling). Unfreezing from blocks.4 at 2e-4 for 4 epochs
+gave 0.963 on pbc but 0.908 on hymenoptera. metrics.json `gain_over_start` says whether a run beat its start.
+
+Protocol (stages/evaluation.py): the held-out split is `test` when the manifest has test rows, else `val`; it is
+scored at step 0 (the probe) and once for the chosen epoch, and never chooses anything. The epoch (best.pt) and
+early stopping are decided on the selection rows: `val` when test is held out (val is then not reported), else a
+seeded stratified slice of train (`finetune.selection_fraction`, at least one image per class) that then does not
+train. metrics.json records which (`selection`).
 
 Training: AdamW or SGD with momentum over four parameter groups (backbone/head x decay/no decay; biases and
 norm weights get no weight decay), per-step linear warmup then cosine decay, label smoothing, gradient clipping,
-RandomResizedCrop + flip, mixed precision (CUDA: bf16 or fp16 autocast; CPU: bf16 only where the CPU has it
-natively and a short measurement shows it is faster). Each epoch logs train/val loss and accuracy with dvclive,
-keeps the best checkpoint (val accuracy, ties broken by lower val loss) and the last one (model, optimizer,
-scheduler, grad scaler, every RNG state, history); `finetune.resume: true` continues from the last checkpoint
-with the same result as an uninterrupted run. Early stopping after `finetune.patience` epochs without improvement.
+RandomResizedCrop (`crop_scale`) + flip, mixed precision chosen from capability alone, never a timing (CUDA: bf16
+or fp16 autocast; CPU: bf16 where the CPU has it natively, else fp32). Each epoch logs train and selection loss and
+accuracy with dvclive, keeps the best checkpoint (selection accuracy, ties broken by lower selection loss) and the
+last one (model, optimizer, scheduler, grad scaler, every RNG state, history); `finetune.resume: true` continues
+from the last checkpoint with the same result as an uninterrupted run. Early stopping after `finetune.patience`
+epochs without improvement.
 
 Several GPUs or processes: the same command under `torchrun --nproc_per_node N` (`make finetune-ddp NPROC=N`) trains
 with DistributedDataParallel: NCCL on GPUs (one process per GPU), gloo on CPU. `finetune.batch_size` stays the
@@ -29,18 +59,20 @@ effective batch: each process takes `batch_size / N` images per step (batch_size
 train split is sharded by a DistributedSampler (reshuffled each epoch from `finetune.seed`), gradients are averaged
 across processes, so the steps per epoch, the LR schedule and the effective batch do not change with N. Each process
 augments with its own seed (`seed + rank`); BatchNorm statistics are per process (no SyncBatchNorm) and synced from
-rank 0 at each forward. Every process evaluates the whole val split (the models are identical, so all take the same
-best-epoch and early-stopping decisions); only rank 0 writes: checkpoints, curves, metrics and the export.
+rank 0 at each forward (with `batchnorm: frozen` nothing is re-estimated). Every process scores the whole selection
+split (the models are identical, so all take the same best-epoch and early-stopping decisions); only rank 0 scores
+the held-out split and writes: checkpoints, curves, metrics, predictions and the export.
 Resume works as without DDP (each rank's RNG states are in last.pt); N is part of the checkpoint's fingerprint.
 
 Outputs (`--out models/finetune/<bb>`, `--reports reports/finetune/<bb>`): <out>/classifier.pt (same export format
 as the head stage, so `stages.predict` works with either), <out>/checkpoints/{last,best}.pt, <reports>/metrics.json
-(same keys as the head stage's metrics.json), <reports>/live/ (dvclive curves).
+(`heldout`: classification_metrics with the 95% interval, `heldout_split`, `selection`, `probe_heldout`,
+`gain_over_start`, cost), <reports>/predictions.json (held-out rows `finetune` and `probe`, stages/evaluation.py),
+<reports>/live/ (dvclive curves).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -57,24 +89,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchvision.transforms.v2 as T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from stages.backbones import (Backbone, Preprocess, WeightsError, build_model, classifier_path, get_backbone,
-                              load_weights, module_version, replace_module)
+                              input_size_for, load_weights, module_version, replace_module, with_input_size)
+from stages.evaluation import Predictions, ProtocolError, heldout_split, predictions_from_proba, write_predictions
 from stages.extract import ExtractError, dataset_preprocess
 from stages.hardware import DTYPES, available_cores, read_cpu_capability
-from stages.head import build_export
-from stages.images import ImageDataset, ImageDecodeError, eval_dataset, read_manifest, train_transform
+from stages.images import ImageDataset, ImageDecodeError, ManifestRow, eval_dataset, read_manifest
 from stages.io import atomic_path, progress, read_json, setup_logging, sha256_file, write_json
 from stages.metrics import classification_metrics
 from stages.params import FinetuneParams, ParamError, load_params
-from stages.predict import PREPROCESS_KEYS
+from stages.predict import FORMAT_VERSION, PREPROCESS_KEYS
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class FinetuneError(RuntimeError):
@@ -86,7 +119,10 @@ class FinetuneNet(nn.Module):
     """`body` maps images [B, 3, H, W] to pooled embeddings [B, D]; `head` (nn.Linear) maps them to logits [B, K].
 
     `frozen` lists body modules that stay in eval mode whenever the net is put in train mode (their
-    BatchNorm statistics and dropout behave as at inference).
+    BatchNorm statistics and dropout behave as at inference). `freeze_norm_stats`: every BatchNorm layer of the
+    body also stays in eval mode (normalizes with its running statistics, which never change; its affine weight
+    and bias still train where the regime trains them). `l2_normalize`: embeddings are scaled to L2 norm sqrt(D)
+    before the head (a probe fit with head.normalization l2 or l2+standardize).
     """
 
     def __init__(self, body: nn.Module, head: nn.Linear) -> None:
@@ -94,15 +130,25 @@ class FinetuneNet(nn.Module):
         self.body = body
         self.head = head
         self.frozen: tuple[str, ...] = ()
+        self.freeze_norm_stats = False
+        self.l2_normalize = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(images).flatten(1))
+        embeddings = self.body(images).flatten(1)
+        if self.l2_normalize:
+            norm = embeddings.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+            embeddings = embeddings * (embeddings.shape[1] ** 0.5 / norm).to(embeddings.dtype)
+        return self.head(embeddings)
 
     def train(self, mode: bool = True) -> FinetuneNet:
         super().train(mode)
         if mode:
             for name in self.frozen:
                 (self.body.get_submodule(name) if name else self.body).train(False)
+            if self.freeze_norm_stats:
+                for module in self.body.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.train(False)
         return self
 
 
@@ -135,9 +181,10 @@ def init_head_from_probe(net: FinetuneNet, weight: torch.Tensor, bias: torch.Ten
         net.head.bias.copy_(bias)
 
 
-def apply_regime(net: FinetuneNet, regime: str, unfreeze_from: str, *,
+def apply_regime(net: FinetuneNet, regime: str, unfreeze_from: str, *, batchnorm: str = "frozen",
                  suggestions: Sequence[str] = ()) -> dict[str, int]:
-    """Set `requires_grad` and the eval-mode list `net.frozen` for `regime`; return parameter counts.
+    """Set `requires_grad`, the eval-mode list `net.frozen` and `net.freeze_norm_stats` (`batchnorm` "frozen")
+    for `regime`; return parameter counts.
 
     partial: parameters owned by `unfreeze_from` and every module after it in `named_modules()` order train;
     parameters owned by earlier modules (including the containers above `unfreeze_from`) are frozen, and every
@@ -167,6 +214,7 @@ def apply_regime(net: FinetuneNet, regime: str, unfreeze_from: str, *,
     for parameter in net.head.parameters():
         parameter.requires_grad_(True)
     net.frozen = tuple(frozen)
+    net.freeze_norm_stats = batchnorm == "frozen"
     count = {True: 0, False: 0}
     for parameter in net.parameters():
         count[parameter.requires_grad] += parameter.numel()
@@ -212,54 +260,28 @@ def warmup_cosine(*, warmup_steps: int, total_steps: int) -> Callable[[int], flo
 
 
 # -------------------------------------------------------------------------------------------- precision
-def measure_step_seconds(net: FinetuneNet, *, dtype: torch.dtype, device: torch.device, input_size: int,
-                         batch_size: int = 8, repeats: int = 2) -> float:
-    """Seconds of one forward+backward on random images at `dtype` (best of `repeats`, after a warm-up).
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, dict[str, Any]]:
+    """Pick the training dtype name from what the hardware can do natively (never from a timing, so the numbers a
+    run gives do not depend on how busy the machine was); return it and the facts behind the choice.
 
-    Runs on a copy of `net` with forked RNG, so neither the model (BatchNorm statistics) nor any seed moves.
+    auto: CUDA -> bf16 where supported, else fp16 (with a GradScaler); CPU -> bf16 where the CPU has native bf16
+    (stages.hardware), else fp32.
     """
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = copy.deepcopy(net).to(device).train()
-        images = torch.randn(batch_size, 3, input_size, input_size, device=device)
-        labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-        best = math.inf
-        for attempt in range(repeats + 1):
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = nn.functional.cross_entropy(probe(images), labels)
-            loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if attempt:
-                best = min(best, time.perf_counter() - start)
-    return best
-
-
-def resolve_precision(requested: str, device: torch.device,
-                      measure: Callable[[torch.dtype], float]) -> tuple[str, dict[str, Any]]:
-    """Pick the training dtype name; return it and the facts behind the choice for the report.
-
-    CUDA + auto: bf16 where supported, else fp16 (with a GradScaler). CPU + auto: bf16 only when the CPU has
-    native bf16 and `measure(bfloat16)` is at least 10% faster than `measure(float32)`; else fp32.
-    """
-    info: dict[str, Any] = {"requested": requested}
+    info: dict[str, Any] = {"requested": requested, "rule": "capability"}
     if device.type == "cuda":
+        info["cuda_bf16"] = bool(torch.cuda.is_bf16_supported())
         if requested == "auto":
-            requested = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            requested = "bfloat16" if info["cuda_bf16"] else "float16"
         return requested, info
     if requested == "float16":
         raise FinetuneError("finetune.precision float16 needs a CUDA device; on CPU use auto, float32 or "
                             "bfloat16. Edit params.yaml.")
     info["cpu_native_bf16"] = bool(read_cpu_capability()["native_bfloat16"])
+    if requested == "bfloat16" and not info["cpu_native_bf16"]:
+        logger.warning("finetune.precision bfloat16 on a CPU without native bf16: expect it to be slow")
     if requested != "auto":
-        if requested == "bfloat16" and not info["cpu_native_bf16"]:
-            logger.warning("finetune.precision bfloat16 on a CPU without native bf16: expect it to be slow")
         return requested, info
-    if not info["cpu_native_bf16"]:
-        return "float32", info
-    fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
-    info["step_seconds"] = {"float32": round(fp32, 4), "bfloat16": round(bf16, 4)}
-    return ("bfloat16" if bf16 < 0.9 * fp32 else "float32"), info
+    return ("bfloat16" if info["cpu_native_bf16"] else "float32"), info
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -269,6 +291,19 @@ def resolve_workers(num_workers: int | str, world_size: int = 1) -> int:
     if num_workers != "auto":
         return int(num_workers)
     return max(0, min(4, available_cores() // world_size - 1))
+
+
+def train_augmentation(preprocess: Preprocess, crop_scale: Sequence[float]) -> T.Compose:
+    """PIL RGB -> float32 [3, S, S]: RandomResizedCrop keeping `crop_scale` (min, max) of the image area, then a
+    horizontal flip, then the eval scaling and normalization. [1, 1] keeps the whole image (resized to S x S)."""
+    return T.Compose([
+        T.ToImage(),
+        T.RandomResizedCrop(preprocess.input_size, scale=(float(crop_scale[0]), float(crop_scale[1])),
+                            interpolation=T.InterpolationMode(preprocess.interpolation), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(list(preprocess.mean), list(preprocess.std)),
+    ])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -388,13 +423,14 @@ def _barrier(ddp: Distributed) -> None:
 @dataclass(frozen=True)
 class EpochRecord:
     """One epoch (1-based): train loss (the label-smoothed objective) and accuracy on the augmented images, in
-    train mode; val loss (plain cross-entropy, nats) and accuracy, float32 in eval mode; the learning rates of
-    the epoch's first step; wall seconds of training + validation."""
+    train mode; selection loss (plain cross-entropy, nats) and accuracy on the selection rows (never the held-out
+    split), float32 in eval mode; the learning rates of the epoch's first step; wall seconds of training +
+    selection scoring."""
     epoch: int
     train_loss: float
     train_accuracy: float
-    val_loss: float
-    val_accuracy: float
+    selection_loss: float
+    selection_accuracy: float
     lr_backbone: float
     lr_head: float
     seconds: float
@@ -407,7 +443,7 @@ class FinetuneResult:
     stopped_early: bool
     resumed_from: int  # epochs already done when this run started (0: fresh)
     precision: str
-    precision_choice: dict[str, Any]  # why `precision` was chosen (measurements), from the first session
+    precision_choice: dict[str, Any]  # why `precision` was chosen (capabilities), from the first session
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -467,8 +503,9 @@ def _loss_accuracy(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]
 
 
 class CurveLogger:
-    """Per-epoch curves for DVC plots in dvclive's layout: `<dir>/plots/metrics/{train,val}/{loss,accuracy}.tsv`
-    and `lr/{backbone,head}.tsv`, columns `step` (= epoch, 1-based) and the value.
+    """Per-epoch curves for DVC plots in dvclive's layout: `<dir>/plots/metrics/{train,selection}/{loss,accuracy}.tsv`
+    and `lr/{backbone,head}.tsv`, columns `step` (= epoch, 1-based) and the value. The held-out split has no
+    curve: it is scored once, for the chosen epoch.
 
     Written with dvclive's own metric writer (dvclive.plots.Metric, what dvclive.Live uses) rather than Live
     itself: Live also wires itself into Git/DVC/Studio -- it runs `dvc init` in a Git repo without DVC and
@@ -486,7 +523,7 @@ class CurveLogger:
 
     def __call__(self, record: EpochRecord) -> None:
         values = {"train/loss": record.train_loss, "train/accuracy": record.train_accuracy,
-                  "val/loss": record.val_loss, "val/accuracy": record.val_accuracy,
+                  "selection/loss": record.selection_loss, "selection/accuracy": record.selection_accuracy,
                   "lr/backbone": record.lr_backbone, "lr/head": record.lr_head}
         for name, value in values.items():
             writer = self._writers.setdefault(name, self._metric(name, str(self._folder)))
@@ -505,12 +542,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
-                 val_loader: torch.utils.data.DataLoader, *, params: FinetuneParams, checkpoint_dir: Path,
+                 selection_loader: torch.utils.data.DataLoader, *, params: FinetuneParams, checkpoint_dir: Path,
                  fingerprint: str, loader_generator: torch.Generator, device: torch.device,
                  precision: str | Callable[[], tuple[str, dict[str, Any]]],
                  log_epoch: Callable[[EpochRecord], None] = lambda record: None,
                  ddp: Distributed = SINGLE) -> FinetuneResult:
     """Train `net` (regime already applied) for up to `params.epochs` epochs; keep best.pt and last.pt.
+
+    The best epoch (highest selection accuracy, ties: lower selection loss) and early stopping are decided on
+    `selection_loader` alone: the selection rows, never the held-out split.
 
     With `params.resume` and a last.pt of the same `fingerprint`, every state (model, optimizer, scheduler,
     grad scaler, RNGs, early-stopping counters, history, precision) is restored and training continues, so the
@@ -548,7 +588,7 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
             best_path.unlink(missing_ok=True)
             last_path.unlink(missing_ok=True)
         precision, choice = precision() if callable(precision) else (precision, {"requested": precision})
-        if ddp.world_size > 1:  # rank 0's measured choice, so that every rank trains alike
+        if ddp.world_size > 1:  # rank 0's choice, so that every rank trains alike
             chosen = [precision, choice]
             dist.broadcast_object_list(chosen, src=0)
             precision, choice = chosen
@@ -585,17 +625,17 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
             net, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion, scaler=scaler,
             device=device, precision=precision, grad_clip=params.grad_clip, desc=f"epoch {epoch + 1}",
             model=model, ddp=ddp)
-        val_loss, val_accuracy = _loss_accuracy(*predict_proba(net, val_loader, device=device))
+        sel_loss, sel_accuracy = _loss_accuracy(*predict_proba(net, selection_loader, device=device))
         record = EpochRecord(
-            epoch=epoch + 1, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
-            val_accuracy=val_accuracy,
+            epoch=epoch + 1, train_loss=train_loss, train_accuracy=train_accuracy, selection_loss=sel_loss,
+            selection_accuracy=sel_accuracy,
             lr_backbone=lrs["backbone"], lr_head=lrs["head"], seconds=time.perf_counter() - start)
         history.append(record)
-        if best is None or (val_accuracy, -val_loss) > (best["accuracy"], -best["loss"]):
-            best, bad_epochs = {"epoch": epoch + 1, "accuracy": val_accuracy, "loss": val_loss}, 0
+        if best is None or (sel_accuracy, -sel_loss) > (best["accuracy"], -best["loss"]):
+            best, bad_epochs = {"epoch": epoch + 1, "accuracy": sel_accuracy, "loss": sel_loss}, 0
             if ddp.is_main:
                 save_checkpoint(best_path, {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
-                                            "epoch": epoch + 1, "val": best, "model": net.state_dict()})
+                                            "epoch": epoch + 1, "selection": best, "model": net.state_dict()})
         else:
             bad_epochs += 1
         stopped = bad_epochs >= params.patience and epoch + 1 < params.epochs
@@ -610,12 +650,12 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
                 "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
                 "history": [asdict(r) for r in history]})
         _barrier(ddp)  # the checkpoints are complete before any rank may read them
-        logger.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s", epoch + 1,
-                    params.epochs, train_loss, train_accuracy, val_loss, val_accuracy, record.seconds,
+        logger.info("epoch %d/%d: train loss %.4f acc %.4f | selection loss %.4f acc %.4f | %.1fs%s", epoch + 1,
+                    params.epochs, train_loss, train_accuracy, sel_loss, sel_accuracy, record.seconds,
                     " | best" if best["epoch"] == epoch + 1 else "")
         log_epoch(record)
         if stopped:
-            logger.info("early stopping: no val improvement for %d epochs (best epoch %d)", bad_epochs,
+            logger.info("early stopping: no selection improvement for %d epochs (best epoch %d)", bad_epochs,
                         best["epoch"])
     net.load_state_dict(load_checkpoint(best_path)["model"])
     return FinetuneResult(history=history, best_epoch=best["epoch"], stopped_early=stopped,
@@ -624,16 +664,15 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
 
 
 # ------------------------------------------------------------------------------------- probe and export
-EXPORT_FORMAT_VERSION = 1
-
-
 @dataclass(frozen=True)
 class Probe:
-    """The head stage's linear probe as logits = features @ weight.T + bias (StandardScaler folded in)."""
+    """The head stage's linear probe as logits = g(features) @ weight.T + bias, where g scales each embedding to L2
+    norm sqrt(D) when `l2_normalize`, else is the identity (feature standardization folded into weight/bias)."""
     weight: torch.Tensor  # [K, D] (or [1, D]: the logit of class 1 of a binary probe)
     bias: torch.Tensor  # [K] (or [1])
     kind: str
     sha256: str
+    l2_normalize: bool = False
 
 
 def probe_logits(head: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -651,7 +690,7 @@ def probe_logits(head: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def read_probe(path: Path, *, backbone: str, classes: Sequence[str], preprocess: Preprocess) -> Probe:
     """The head stage's export at `path`, checked to fit this fine-tune: same backbone, classes and
-    preprocessing, the pooled layer, a linear head."""
+    preprocessing, the pooled layer alone, a linear head."""
     if not path.is_file():
         raise FinetuneError(f"{path} not found: finetune.init_head probe starts from the head stage's linear probe; "
                             f"run `dvc repro head@{backbone}` first or set `init_head: random` in params.yaml")
@@ -661,14 +700,14 @@ def read_probe(path: Path, *, backbone: str, classes: Sequence[str], preprocess:
         raise FinetuneError(f"refused to load {path}: not a plain tensor export "
                             f"(loaded with weights_only=True): {exc}") from None
     head, info = export.get("head") or {}, export.get("backbone") or {}
-    found = {"backbone": info.get("name"), "classes": list(export.get("classes") or []),
-             "layer": export.get("layer")}
-    expected = {"backbone": backbone, "classes": list(classes), "layer": "pool"}
+    layers = list(export.get("layers") or [export.get("layer")])  # format 2: "layers"; format 1: one "layer"
+    found = {"backbone": info.get("name"), "classes": list(export.get("classes") or []), "layers": layers}
+    expected = {"backbone": backbone, "classes": list(classes), "layers": ["pool"]}
     for key in expected:
         if found[key] != expected[key]:
             raise FinetuneError(f"{path}: {key} is {found[key]!r} but the fine-tune needs {expected[key]!r}; "
-                                f"pass --probe models/{backbone}/classifier.pt, keep head.layer: pool and re-run "
-                                f"`dvc repro head@{backbone}`")
+                                f"pass --probe models/{backbone}/classifier.pt, probe the pooled layer alone and "
+                                f"re-run `dvc repro head@{backbone}`, or set `finetune.init_head: random`")
     recorded = info.get("preprocess")
     if recorded and {k: recorded.get(k) for k in PREPROCESS_KEYS} != preprocess.as_dict():
         raise FinetuneError(f"{path}: the probe was fit on features preprocessed as {recorded} but the fine-tune "
@@ -677,41 +716,104 @@ def read_probe(path: Path, *, backbone: str, classes: Sequence[str], preprocess:
         raise FinetuneError(f"{path}: a {head.get('kind')!r} head has no linear weight/bias to start from; use "
                             f"head.kind logreg, linear_svm or softmax, or set `finetune.init_head: random`")
     weight, bias = probe_logits(head)
-    return Probe(weight=weight, bias=bias, kind=str(head.get("kind")), sha256=sha256_file(path))
+    blocks = [int(d) for d in head.get("l2_blocks") or []]
+    if blocks and blocks != [weight.shape[1]]:
+        raise FinetuneError(f"{path}: l2_blocks {blocks} do not match the probe's {weight.shape[1]} features")
+    return Probe(weight=weight, bias=bias, kind=str(head.get("kind")), sha256=sha256_file(path),
+                 l2_normalize=bool(blocks))
 
 
 def export_classifier(net: FinetuneNet, backbone: Backbone, *, preprocess: Preprocess, classes: Sequence[str],
                       provenance: dict[str, Any]) -> dict[str, Any]:
-    """The head stage's export format (stages/predict.py): the fine-tuned backbone's state (classifier removed)
-    + a float64 linear softmax head; run in float32 without TTA, as the final evaluation ran."""
-    return build_export(
-        backbone_name=backbone.name,
-        backbone_state={k: v.detach().cpu().clone() for k, v in net.body.state_dict().items()},
-        backbone_spec={"arch": backbone.arch, "classifier": classifier_path(backbone, build_model(backbone)),
-                       "build_kwargs": dict(backbone.build_kwargs), "preprocess": preprocess.as_dict(),
-                       "tta": ["none"], "precision": "float32"},
-        layer="pool", classes=classes,
-        head_spec={"kind": "finetune", "type": "linear", "output": "softmax",
-                   "weight": net.head.weight.detach().cpu().double(), "bias": net.head.bias.detach().cpu().double()},
-        provenance={**provenance, "versions": {"torch": str(torch.__version__), "timm": module_version("timm")}})
+    """The classifier.pt format of stages/predict.py: the fine-tuned backbone's state (classifier removed) + a
+    float64 linear softmax head; run in float32 without TTA, as the final evaluation ran."""
+    head_spec: dict[str, Any] = {"kind": "finetune", "type": "linear", "output": "softmax",
+                                 "weight": net.head.weight.detach().cpu().double(),
+                                 "bias": net.head.bias.detach().cpu().double()}
+    if net.l2_normalize:
+        head_spec["l2_blocks"] = [net.head.in_features]
+    layers: dict[str, Any] = {"layers": ["pool"]} if FORMAT_VERSION >= 2 else {"layer": "pool"}
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": {"name": backbone.name, "arch": backbone.arch,
+                     "classifier": classifier_path(backbone, build_model(backbone)),
+                     "build_kwargs": dict(backbone.build_kwargs), "preprocess": preprocess.as_dict(),
+                     "tta": ["none"], "precision": "float32"},
+        "backbone_state": {k: v.detach().cpu().clone() for k, v in net.body.state_dict().items()},
+        **layers, "classes": list(classes), "head": head_spec,
+        "provenance": {**provenance, "versions": {"torch": str(torch.__version__), "timm": module_version("timm")}}}
+
+
+# ------------------------------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class Rows:
+    paths: list[str]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which manifest rows train, which choose the epoch, which are held out (stages/evaluation.py's protocol).
+
+    heldout_split: "test" when the manifest has test rows, else "val"; its rows are only ever reported.
+    selection_method: "val" (held-out split is test and val has rows) or "train_slice" (a seeded, stratified
+    slice of train that then does not train)."""
+    heldout_split: str
+    selection_method: str
+    train: Rows  # the rows that train (train less the slice when selection_method is train_slice)
+    selection: Rows
+    heldout: Rows
+    split_counts: dict[str, int]  # {"n_train", "n_val", "n_test"}: the manifest's images per split
+
+
+def train_slice(labels: Sequence[int], *, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices [M] of a stratified slice of `labels`: from each class round(fraction * n_class) rows, at
+    least 1 and at most n_class - 1, drawn with numpy's default_rng(seed) (deterministic)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = min(len(members) - 1, max(1, round(fraction * len(members))))
+        picked.append(rng.permutation(members)[:take])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def plan_splits(rows: Sequence[ManifestRow], classes: Sequence[str], *, selection_fraction: float,
+                seed: int) -> SplitPlan:
+    """Split the manifest's rows by the protocol; labels are checked to index `classes`."""
+    by_split: dict[str, Rows] = {name: Rows([], []) for name in ("train", "val", "test")}
+    for row in rows:
+        if not 0 <= row.label < len(classes) or classes[row.label] != row.cls:
+            raise FinetuneError(f"the manifest's {row.path} has label {row.label} ({row.cls!r}) that does not match "
+                                f"classes.json {list(classes)}; re-run `dvc repro prepare`")
+        by_split[row.split].paths.append(row.path)
+        by_split[row.split].labels.append(row.label)
+    try:
+        heldout = heldout_split(np.array([row.split for row in rows]))
+    except ProtocolError as exc:
+        raise FinetuneError(str(exc)) from None
+    train = by_split["train"]
+    split_counts = {f"n_{name}": len(part.paths) for name, part in by_split.items()}
+    if not train.paths:
+        raise FinetuneError("the manifest has no train images; fine-tuning needs them. Re-run `dvc repro prepare`.")
+    counts = np.bincount(train.labels, minlength=len(classes))
+    if heldout == "test" and by_split["val"].paths:
+        return SplitPlan(heldout, "val", train, by_split["val"], by_split["test"], split_counts)
+    if counts.min() < 2:
+        raise FinetuneError(f"fine-tuning chooses its epoch on a slice of train here (no val rows outside the held-out "
+                            f"split), so every class needs at least 2 train images; {classes[int(counts.argmin())]!r} "
+                            f"has {int(counts.min())}. Add images or give the dataset a val split.")
+    picked = set(train_slice(train.labels, fraction=selection_fraction, seed=seed).tolist())
+    keep = [i for i in range(len(train.paths)) if i not in picked]
+    chosen = sorted(picked)
+    return SplitPlan(heldout, "train_slice",
+                     Rows([train.paths[i] for i in keep], [train.labels[i] for i in keep]),
+                     Rows([train.paths[i] for i in chosen], [train.labels[i] for i in chosen]),
+                     by_split[heldout], split_counts)
 
 
 # ------------------------------------------------------------------------------------------------- main
-def split_rows(manifest: Path, classes: Sequence[str]) -> dict[str, tuple[list[str], list[int]]]:
-    """{split: (paths, labels)} from the manifest, checking that labels index `classes`."""
-    out: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
-    for row in read_manifest(manifest):
-        if not 0 <= row.label < len(classes) or classes[row.label] != row.cls:
-            raise FinetuneError(f"{manifest}: {row.path} has label {row.label} ({row.cls!r}) that does not match "
-                                f"classes.json {list(classes)}; re-run `dvc repro prepare`")
-        out[row.split][0].append(row.path)
-        out[row.split][1].append(row.label)
-    for split in ("train", "val"):
-        if not out[split][0]:
-            raise FinetuneError(f"{manifest}: the {split} split is empty; fine-tuning needs train and val images")
-    return out
-
-
 def fingerprint_of(**facts: Any) -> str:
     """sha256 of everything that determines the training trajectory (a checkpoint resumes only on a match)."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
@@ -728,9 +830,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for classifier.pt and checkpoints/ (models/finetune/<backbone>)")
     parser.add_argument("--reports", type=Path, required=True,
-                        help="folder for metrics.json and the dvclive curves in live/ (reports/finetune/<backbone>)")
+                        help="folder for metrics.json, predictions.json and the dvclive curves in live/ "
+                             "(reports/finetune/<backbone>)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
+
+
+def with_interval(metrics: dict[str, Any]) -> dict[str, Any]:
+    """{"accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "n"} of classification_metrics' output."""
+    return {k: metrics[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "n")}
 
 
 def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -746,9 +854,10 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
                     "writes the checkpoints, curves, metrics and export" if ddp.is_main else "writes nothing")
     backbone = get_backbone(args.backbone, params.weights.custom)
     classes = list(read_json(args.manifest.parent / "classes.json"))
-    splits = split_rows(args.manifest, classes)
-    preprocess = dataset_preprocess(backbone.preprocess, params.prepare.normalization,
-                                    args.manifest.parent / "stats.json")
+    plan = plan_splits(read_manifest(args.manifest), classes, selection_fraction=p.selection_fraction, seed=p.seed)
+    preprocess = with_input_size(  # what extract used, so the probe's features are the body's at step 0
+        dataset_preprocess(backbone.preprocess, params.prepare.normalization, args.manifest.parent / "stats.json"),
+        input_size_for(backbone.name, params.extract.input_size))
     weights_sha256 = sha256_file(args.weights)
     if backbone.weights.sha256 and weights_sha256 != backbone.weights.sha256:
         raise FinetuneError(f"{args.weights}: sha256 {weights_sha256} differs from the registry's "
@@ -764,7 +873,8 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
     net = build_finetune_net(backbone, args.weights, len(classes))
     if probe is not None:
         init_head_from_probe(net, probe.weight, probe.bias)
-    counts = apply_regime(net, p.regime, p.unfreeze_from, suggestions=backbone.layers)
+        net.l2_normalize = probe.l2_normalize
+    counts = apply_regime(net, p.regime, p.unfreeze_from, batchnorm=p.batchnorm, suggestions=backbone.layers)
     device = torch.device(f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
@@ -773,16 +883,16 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
     if ddp.world_size > 1:  # the same initial model everywhere (seeded above), then each rank its own augmentations
         seed_everything(p.seed + ddp.rank)
     generator = torch.Generator().manual_seed(p.seed + ddp.rank)
-    datasets = {split: ImageDataset(args.raw, paths, labels, train_transform(preprocess)) if split == "train"
-                else eval_dataset(args.raw, paths, labels, preprocess)
-                for split, (paths, labels) in splits.items() if paths}
-    sampler = (DistributedSampler(datasets["train"], num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
+    train_set = ImageDataset(args.raw, plan.train.paths, plan.train.labels,
+                             train_augmentation(preprocess, p.crop_scale))
+    sampler = (DistributedSampler(train_set, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
                                   seed=p.seed) if ddp.world_size > 1 else None)
-    train_loader = make_loader(datasets["train"], batch_size=batch_size, shuffle=True, num_workers=workers,
+    train_loader = make_loader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                                generator=generator, sampler=sampler)
-    eval_loaders = {split: make_loader(dataset, batch_size=p.batch_size, shuffle=False, num_workers=workers,
-                                       generator=torch.Generator().manual_seed(p.seed))
-                    for split, dataset in datasets.items() if split != "train"}
+    eval_loaders = {name: make_loader(eval_dataset(args.raw, rows.paths, rows.labels, preprocess),
+                                      batch_size=p.batch_size, shuffle=False, num_workers=workers,
+                                      generator=torch.Generator().manual_seed(p.seed))
+                    for name, rows in (("selection", plan.selection), ("heldout", plan.heldout))}
     manifest_sha256 = sha256_file(args.manifest)
     provenance = {"manifest_sha256": manifest_sha256, "weights_sha256": weights_sha256,
                   "probe_sha256": probe.sha256 if probe else None, "probe_kind": probe.kind if probe else None}
@@ -792,42 +902,56 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
         provenance=provenance, preprocess=preprocess.as_dict(), classes=classes, device=device.type,
         code=sha256_file(Path(__file__)))
 
-    def measure(dtype: torch.dtype) -> float:
-        return measure_step_seconds(net, dtype=dtype, device=device, input_size=preprocess.input_size)
-
-    def choose_precision() -> tuple[str, dict[str, Any]]:
-        return resolve_precision(p.precision, device, measure)
-
-    result = run_finetune(net, train_loader, eval_loaders["val"], params=p, checkpoint_dir=args.out / "checkpoints",
-                          fingerprint=fingerprint, loader_generator=generator, device=device,
-                          precision=choose_precision, ddp=ddp,
+    # Step 0: the net before any update. With init_head probe it computes the probe's predictions (the test suite
+    # checks this), so these are the probe's held-out predictions for the paired comparison.
+    start_proba = None
+    if ddp.is_main:
+        start_proba, heldout_labels = predict_proba(net.to(device), eval_loaders["heldout"], device=device)
+    result = run_finetune(net, train_loader, eval_loaders["selection"], params=p,
+                          checkpoint_dir=args.out / "checkpoints", fingerprint=fingerprint, loader_generator=generator,
+                          device=device, precision=lambda: resolve_precision(p.precision, device), ddp=ddp,
                           log_epoch=CurveLogger(args.reports / "live") if ddp.is_main else lambda record: None)
     if not ddp.is_main:
         return None
 
+    chosen = next(r for r in result.history if r.epoch == result.best_epoch)
+    proba, _ = predict_proba(net.to(device), eval_loaders["heldout"], device=device)  # the chosen epoch's net
+    heldout = classification_metrics(proba, heldout_labels, classes, ece_bins=params.head.ece_bins)
+    start = classification_metrics(start_proba, heldout_labels, classes, ece_bins=params.head.ece_bins)
     metrics: dict[str, Any] = {
         "backbone": backbone.name, "head": "linear", "layer": "pool", "C": None,
         "regime": p.regime, "unfreeze_from": p.unfreeze_from if p.regime == "partial" else None,
-        "init_head": p.init_head, "train_seconds": round(sum(r.seconds for r in result.history), 3),
+        "init_head": p.init_head, "batchnorm": p.batchnorm, "crop_scale": list(p.crop_scale),
+        "heldout_split": plan.heldout_split,
+        "heldout": heldout,
+        plan.heldout_split: heldout,  # the same numbers under the split's name (`val.accuracy` / `test.accuracy`)
+        "selection": {"method": plan.selection_method, "n": len(plan.selection.paths), "epoch": chosen.epoch,
+                      "accuracy": chosen.selection_accuracy, "loss": chosen.selection_loss},
+        "probe_heldout" if probe is not None else "start_heldout": with_interval(start),
+        # beyond_interval: the fine-tune's held-out accuracy is above the start's 95% interval (its upper end)
+        "gain_over_start": {"accuracy": heldout["accuracy"] - start["accuracy"],
+                            "beyond_interval": bool(heldout["accuracy"] > start["accuracy_ci_high"])},
+        "train_seconds": round(sum(r.seconds for r in result.history), 3),
         "seconds_per_epoch": round(float(np.mean([r.seconds for r in result.history])), 3),
         "feature_dim": net.head.in_features, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
         "device": device.type, "precision": result.precision, "precision_choice": result.precision_choice,
         "num_workers": workers, "world_size": ddp.world_size, "per_process_batch_size": batch_size,
-        **counts, **{f"n_{split}": len(splits[split][0]) for split in splits},
+        **counts, **plan.split_counts, "n_fit": len(plan.train.paths), "n_selection": len(plan.selection.paths),
+        "n_heldout": len(plan.heldout.paths),
         "features": {"backbone": backbone.name, "weights_sha256": weights_sha256, "manifest_sha256": manifest_sha256,
                      "preprocess": preprocess.as_dict(), "probe_sha256": provenance["probe_sha256"]},
     }
-    net.to(device)
-    for split, loader in eval_loaders.items():
-        probs, labels = predict_proba(net, loader, device=device)
-        metrics[split] = classification_metrics(probs, labels, classes, ece_bins=params.head.ece_bins)
     net.cpu()
     export = export_classifier(net, backbone, preprocess=preprocess, classes=classes,
                                provenance={**provenance, "regime": p.regime, "best_epoch": result.best_epoch,
-                                           "val_accuracy": metrics["val"]["accuracy"]})
+                                           "selection": metrics["selection"]})
     with atomic_path(args.out / "classifier.pt") as tmp, open(tmp, "wb") as fh:
         torch.save(export, fh)  # a file object: the same export gives the same bytes (see stages/head.py)
+    rows = {"finetune": predictions_from_proba(proba),
+            "probe" if probe is not None else "start": predictions_from_proba(start_proba)}
+    write_predictions(args.reports / "predictions.json", Predictions(
+        split=plan.heldout_split, classes=classes, paths=list(plan.heldout.paths), labels=heldout_labels, rows=rows))
     write_json(args.reports / "metrics.json", metrics)
     return metrics
 
@@ -845,9 +969,15 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if metrics is None:  # a rank other than 0 under torchrun
         return 0
-    logger.info("%s %s fine-tune: %d epochs (best %d), %.1fs per epoch, val accuracy %.4f", metrics["backbone"],
-                metrics["regime"], metrics["epochs_run"], metrics["best_epoch"], metrics["seconds_per_epoch"],
-                metrics["val"]["accuracy"])
+    start = metrics.get("probe_heldout") or metrics["start_heldout"]
+    heldout = metrics["heldout"]
+    logger.info("%s %s fine-tune: %d epochs (chosen %d on %s), %.1fs per epoch; %s accuracy %.4f [%.4f, %.4f] "
+                "from %.4f [%.4f, %.4f] at the start%s", metrics["backbone"], metrics["regime"], metrics["epochs_run"],
+                metrics["best_epoch"], metrics["selection"]["method"], metrics["seconds_per_epoch"],
+                metrics["heldout_split"], heldout["accuracy"], heldout["accuracy_ci_low"], heldout["accuracy_ci_high"],
+                start["accuracy"], start["accuracy_ci_low"], start["accuracy_ci_high"],
+                "" if metrics["gain_over_start"]["beyond_interval"] else
+                ": NOT better than the start by more than the interval")
     return 0
 
 

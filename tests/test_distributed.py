@@ -91,7 +91,7 @@ def test_two_process_ddp_converges_like_one_process_and_only_rank_0_writes(proje
                for r, paths in logs.items()}
     assert written[1] == set(), written[1]
     assert {"models/checkpoints/last.pt", "models/checkpoints/best.pt", "models/classifier.pt",
-            "reports/metrics.json", "reports/live/plots/metrics/val/accuracy.tsv"} <= written[0]
+            "reports/metrics.json", "reports/live/plots/metrics/selection/accuracy.tsv"} <= written[0]
     assert re.search(r"DDP rank 0 of 2 \(gloo\): 4 images per step of the effective batch 8; writes the", output)
     assert re.search(r"DDP rank 1 of 2 \(gloo\): 4 images per step of the effective batch 8; writes nothing",
                      output)

@@ -194,7 +194,7 @@ def test_bad_image_corpus_through_the_whole_pipeline(baseline: Repo) -> None:
     summary = json.loads(baseline.path("reports/prepare/summary.json").read_text())
     assert (summary["n_images"], summary["n_bad"]) == (21, 6)
     metrics = json.loads(baseline.path(f"reports/{LITE0}/metrics.json").read_text())
-    assert metrics["n_train"] + metrics["n_val"] == 21
+    assert metrics["n_selection"] + metrics["n_heldout"] == 21
     finetuned = json.loads(baseline.path(f"reports/finetune/{LITE0}/metrics.json").read_text())
     assert finetuned["n_train"] + finetuned["n_val"] == 21
     assert "- Quarantined images: 6 (see reports/prepare/quarantine.json)" in \
@@ -402,9 +402,9 @@ def test_finetune_killed_after_an_epoch_then_repro_matches_the_uninterrupted_met
     new = json.loads(repo.path(f"reports/finetune/{LITE0}/metrics.json").read_text())
     old = json.loads(baseline.path(f"reports/finetune/{LITE0}/metrics.json").read_text())
     assert new["resumed_from_epoch"] >= 1 and old["resumed_from_epoch"] == 0
-    for key in ("val", "epochs_run", "best_epoch", "precision"):
+    for key in ("heldout", "epochs_run", "best_epoch", "precision"):
         assert new[key] == old[key], key
-    for tsv in ("val/accuracy.tsv", "val/loss.tsv", "train/loss.tsv"):
+    for tsv in ("selection/accuracy.tsv", "selection/loss.tsv", "train/loss.tsv"):
         curve = f"reports/finetune/{LITE0}/live/plots/metrics/{tsv}"
         assert repo.path(curve).read_text() == baseline.path(curve).read_text(), tsv
     assert leftovers(repo.root) == []
@@ -655,7 +655,7 @@ def test_hostile_names_are_rejected_before_any_command_runs(baseline: Repo, tmp_
           "finetune__backbones": [finetune_name]}, [], ["dvc", "repro", "--keep-going"]),  # every stage is tried
         ({"backbones": [LITE0, HOSTILE_NAMES[0]]}, [], ["dvc", "repro", "-s", f"weights@{HOSTILE_NAMES[0]}"]),
         ({"backbones": [LITE0, finetune_name], "finetune__backbones": [finetune_name]},
-         [f"models/pretrained/{finetune_name}.pth", f"models/{finetune_name}/classifier.pt"],
+         [f"models/pretrained/{finetune_name}.pth", f"models/{finetune_name}/probe_pool.pt"],
          ["dvc", "repro", "-s", f"finetune@{finetune_name}"]),
     ]
     for i, (updates, dummies, cmd) in enumerate(attempts):

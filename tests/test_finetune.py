@@ -1,6 +1,7 @@
 """Fine-tune stage on a tiny timm CNN (test_efficientnet, random weights saved to a file) and 32x32 images of two
-separable classes: regimes freeze what they should, LR groups, resume == uninterrupted, best checkpoint, early
-stopping, and the CLI's metrics/export/dvclive outputs."""
+separable classes: regimes freeze what they should, frozen BatchNorm statistics, LR groups, resume ==
+uninterrupted, best checkpoint, early stopping, the protocol (step 0 equals the probe; the epoch is chosen on
+selection rows, never on the held-out split), and the CLI's metrics/predictions/export/dvclive outputs."""
 from __future__ import annotations
 
 import csv
@@ -16,11 +17,12 @@ import yaml
 from PIL import Image
 
 from stages.backbones import Backbone, get_backbone
+from stages.evaluation import read_predictions
 from stages.finetune import (EpochRecord, FinetuneError, FinetuneNet, apply_regime, build_finetune_net,
                              build_optimizer, init_head_from_probe, load_checkpoint, main, make_loader, param_groups,
-                             predict_proba, read_probe, resolve_precision, run_finetune, seed_everything,
+                             plan_splits, predict_proba, read_probe, resolve_precision, run_finetune, seed_everything,
                              warmup_cosine)
-from stages.images import MANIFEST_FIELDS, ImageDataset, eval_transform, train_transform
+from stages.images import MANIFEST_FIELDS, ImageDataset, ManifestRow, eval_transform, read_manifest, train_transform
 from stages.io import sha256_file
 from stages.params import CustomBackbone, FinetuneParams
 from stages.predict import load_classifier, predict_images
@@ -78,10 +80,10 @@ def backbone(project: Path) -> Backbone:
 
 
 def make_net(backbone: Backbone, project: Path, regime: str = "partial", unfreeze_from: str = "blocks.3",
-             seed: int = 0) -> FinetuneNet:
+             seed: int = 0, batchnorm: str = "frozen") -> FinetuneNet:
     seed_everything(seed)
     net = build_finetune_net(backbone, project / "models/pretrained/tiny.pth", len(CLASSES))
-    apply_regime(net, regime, unfreeze_from)
+    apply_regime(net, regime, unfreeze_from, batchnorm=batchnorm)
     return net
 
 
@@ -132,7 +134,7 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], pre
 # --- regimes -------------------------------------------------------------------------------------------
 
 def test_partial_keeps_earlier_modules_bit_identical_and_their_batchnorm_stats(project, backbone, tmp_path):
-    net = make_net(backbone, project, "partial", "blocks.3")
+    net = make_net(backbone, project, "partial", "blocks.3", batchnorm="train")
     assert set(net.frozen) == {"conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"}
     before = snapshot(net)
     train(net, project, backbone, tmp_path, epochs=2)
@@ -151,7 +153,7 @@ def test_partial_keeps_earlier_modules_bit_identical_and_their_batchnorm_stats(p
 
 
 def test_full_changes_every_module_and_head_regime_none_of_the_body(project, backbone, tmp_path):
-    net = make_net(backbone, project, "full")
+    net = make_net(backbone, project, "full", batchnorm="train")
     assert net.frozen == ()
     before = snapshot(net)
     train(net, project, backbone, tmp_path / "full", epochs=1)
@@ -166,6 +168,20 @@ def test_full_changes_every_module_and_head_regime_none_of_the_body(project, bac
     after = snapshot(net)
     assert not any(changed(before, after, "body.").values())
     assert all(changed(before, after, "head.").values())
+
+
+def test_frozen_batchnorm_keeps_every_running_statistic_and_still_trains_the_affine_weights(project, backbone,
+                                                                                           tmp_path):
+    net = make_net(backbone, project, "full")  # batchnorm: frozen (the default)
+    before = snapshot(net)
+    train(net, project, backbone, tmp_path, epochs=1)
+    after = load_checkpoint(tmp_path / "last.pt")["model"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and not any(changed(before, after, "").get(k) for k in stats)
+    assert changed(before, after, "body.bn2.weight")["body.bn2.weight"]  # the affine part trains
+    net.train()
+    assert net.training and not any(m.training for m in net.body.modules()
+                                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
 
 def test_unknown_unfreeze_from_names_the_parameter(project, backbone):
@@ -206,18 +222,16 @@ def test_warmup_then_cosine_per_step() -> None:
     assert warmup_cosine(warmup_steps=0, total_steps=10)(0) == 1.0
 
 
-def test_precision_auto_on_cpu_uses_bf16_only_when_native_and_faster(monkeypatch) -> None:
+def test_precision_auto_on_cpu_follows_the_capability_alone(monkeypatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.setattr("stages.finetune.read_cpu_capability", lambda: {"native_bfloat16": True})
-    times = {torch.float32: 1.0, torch.bfloat16: 0.5}
-    assert resolve_precision("auto", cpu, times.__getitem__)[0] == "bfloat16"
-    times[torch.bfloat16] = 0.95  # not 10% faster
-    chosen, info = resolve_precision("auto", cpu, times.__getitem__)
-    assert chosen == "float32" and info["step_seconds"] == {"float32": 1.0, "bfloat16": 0.95}
+    chosen, info = resolve_precision("auto", cpu)
+    assert chosen == "bfloat16" and info == {"requested": "auto", "rule": "capability", "cpu_native_bf16": True}
     monkeypatch.setattr("stages.finetune.read_cpu_capability", lambda: {"native_bfloat16": False})
-    assert resolve_precision("auto", cpu, lambda dtype: pytest.fail("must not measure"))[0] == "float32"
+    assert resolve_precision("auto", cpu)[0] == "float32"
+    assert resolve_precision("bfloat16", cpu)[0] == "bfloat16"  # asked for: honoured (with a warning)
     with pytest.raises(FinetuneError, match="finetune.precision float16 needs a CUDA device"):
-        resolve_precision("float16", cpu, times.__getitem__)
+        resolve_precision("float16", cpu)
 
 
 # --- checkpoints, resume, early stopping ---------------------------------------------------------------
@@ -264,19 +278,19 @@ def test_a_checkpoint_of_other_settings_or_resume_false_starts_afresh(project, b
     assert fresh.resumed_from == 0
 
 
-def test_best_checkpoint_is_the_epoch_with_the_best_logged_val_metric(project, backbone, tmp_path):
+def test_best_checkpoint_is_the_epoch_with_the_best_logged_selection_metric(project, backbone, tmp_path):
     net = make_net(backbone, project, "full")
     result, records, val_loader = train(net, project, backbone, tmp_path, epochs=4, lr_backbone=0.003,
                                         lr_head=0.01)
-    best = max(records, key=lambda r: (r.val_accuracy, -r.val_loss))
+    best = max(records, key=lambda r: (r.selection_accuracy, -r.selection_loss))
     assert result.best_epoch == best.epoch
     saved = load_checkpoint(tmp_path / "best.pt")
-    assert saved["epoch"] == best.epoch and saved["val"]["accuracy"] == best.val_accuracy
+    assert saved["epoch"] == best.epoch and saved["selection"]["accuracy"] == best.selection_accuracy
     for key, value in saved["model"].items():  # the net returned holds the best weights
         assert torch.equal(value, net.state_dict()[key]), key
     probs, labels = predict_proba(net, val_loader, device=torch.device("cpu"))
-    assert float((probs.argmax(1) == labels).mean()) == best.val_accuracy
-    assert best.val_accuracy >= 0.75  # two colour classes: far above chance after a few epochs
+    assert float((probs.argmax(1) == labels).mean()) == best.selection_accuracy
+    assert best.selection_accuracy >= 0.75  # two colour classes: far above chance after a few epochs
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(project, backbone, tmp_path):
@@ -286,6 +300,51 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(project,
                                lr_head=1e-30, weight_decay=0.0)
     assert [r.epoch for r in records] == [1, 2, 3] and result.stopped_early and result.best_epoch == 1
     assert load_checkpoint(tmp_path / "last.pt")["stopped"] is True
+
+
+def val_images(project: Path, backbone: Backbone, rows: list[ManifestRow] | None = None) -> tuple[torch.Tensor,
+                                                                                                  np.ndarray]:
+    """The val images [N, 3, 32, 32] as evaluation preprocesses them, and their labels [N]."""
+    rows = rows or [r for r in read_manifest(project / "data/prepared/manifest.csv") if r.split == "val"]
+    transform = eval_transform(backbone.preprocess)
+    dataset = ImageDataset(project / "data/raw", [r.path for r in rows], [r.label for r in rows], transform)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]), np.array([r.label for r in rows])
+
+
+@pytest.mark.parametrize("l2_normalize", [False, True])
+def test_at_step_zero_the_net_predicts_the_probe_in_eval_and_in_train_mode(project, backbone, l2_normalize):
+    """The lost-probe start: the net the first optimizer step sees (train mode) must compute the probe. A probe
+    exported with its StandardScaler folded in has large weights where a feature varies little, so BatchNorm
+    re-estimating statistics on the batch moved its logits by tens of nats; frozen statistics keep them exact."""
+    net = make_net(backbone, project, "partial", "blocks.3")  # batchnorm: frozen
+    images, labels = val_images(project, backbone)
+    with torch.no_grad():
+        features = net.body.eval()(images).double()
+    mean, scale = features.mean(0), features.std(0).clamp_min(1e-3)
+    weight = torch.randn(2, features.shape[1], dtype=torch.float64) * 0.1 / scale  # standardization folded in
+    bias = -(weight @ mean)
+    init_head_from_probe(net, weight, bias)
+    net.l2_normalize = l2_normalize
+    if l2_normalize:
+        features = features * features.shape[1] ** 0.5 / features.norm(dim=1, keepdim=True)
+    expected = torch.softmax(features @ weight.T + bias, 1)
+
+    loader = make_loader(ImageDataset(project / "data/raw", *zip(*[(r.path, r.label) for r in read_manifest(
+        project / "data/prepared/manifest.csv") if r.split == "val"]), eval_transform(backbone.preprocess)),
+        batch_size=3, shuffle=False, num_workers=0, generator=torch.Generator().manual_seed(0))
+    probs, got_labels = predict_proba(net, loader, device=torch.device("cpu"))
+    np.testing.assert_array_equal(got_labels, labels)
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
+    net.train()
+    with torch.no_grad():
+        train_mode = torch.softmax(net(images).double(), 1)
+    np.testing.assert_allclose(train_mode.numpy(), expected.numpy(), atol=1e-5)
+
+    net.freeze_norm_stats = False  # what fine-tuning did before: batch statistics in train mode
+    net.train()
+    with torch.no_grad():
+        drifted = torch.softmax(net(images).double(), 1)
+    assert float((drifted - expected).abs().max()) > 1e-3
 
 
 def test_probe_init_copies_weights_and_expands_a_binary_probe(project, backbone):
@@ -316,8 +375,10 @@ def write_params(project: Path, **finetune) -> Path:
     return path
 
 
-def run_main(project: Path, out: Path, params: Path, probe: Path | None = None, backbone: str = "tiny") -> int:
-    argv = ["--backbone", backbone, "--raw", str(project / "data/raw"), "--manifest", str(project / "data/prepared/manifest.csv"),
+def run_main(project: Path, out: Path, params: Path, probe: Path | None = None, backbone: str = "tiny",
+             manifest: Path | None = None) -> int:
+    manifest = manifest or project / "data/prepared/manifest.csv"
+    argv = ["--backbone", backbone, "--raw", str(project / "data/raw"), "--manifest", str(manifest),
             "--weights", str(project / "models/pretrained/tiny.pth"), "--out", str(out / "models"),
             "--reports", str(out / "reports"), "--params", str(params)]
     return main(argv + (["--probe", str(probe)] if probe else []))
@@ -327,18 +388,32 @@ def test_main_writes_head_style_metrics_an_export_predict_reads_and_dvclive_curv
     monkeypatch.setenv("CI", "1")
     assert run_main(project, tmp_path, write_params(project, init_head="random")) == 0
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
-    assert {"accuracy", "mean_class_accuracy", "macro_f1", "log_loss", "ece", "per_class"} <= set(metrics["val"])
-    assert set(metrics["val"]["per_class"]) == set(CLASSES) and metrics["val"]["n"] == 8
-    assert "test" not in metrics  # no test images
+    assert metrics["heldout_split"] == "val" and metrics["val"] == metrics["heldout"]  # no test images: val
+    assert {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "mean_class_accuracy", "macro_f1",
+            "log_loss", "ece", "per_class"} <= set(metrics["heldout"])
+    assert set(metrics["heldout"]["per_class"]) == set(CLASSES) and metrics["heldout"]["n"] == 8
+    assert "test" not in metrics
     assert (metrics["backbone"], metrics["regime"], metrics["epochs_run"], metrics["feature_dim"]) == (
         "tiny", "partial", 3, 256)
-    val_accuracy = [float(line.split("\t")[1]) for line in
-                    (tmp_path / "reports/live/plots/metrics/val/accuracy.tsv").read_text().splitlines()[1:]]
-    assert len(val_accuracy) == 3 and metrics["val"]["accuracy"] == max(val_accuracy) >= 0.75
+    # the epoch is chosen on a stratified slice of train (15% of 8 per class: 1 each), which then does not train
+    assert (metrics["selection"]["method"], metrics["selection"]["n"], metrics["n_fit"]) == ("train_slice", 2, 14)
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"], metrics["n_heldout"]) == (16, 8, 0, 8)
+    selection_accuracy = [float(line.split("\t")[1]) for line in
+                          (tmp_path / "reports/live/plots/metrics/selection/accuracy.tsv").read_text().splitlines()[1:]]
+    assert len(selection_accuracy) == 3 and metrics["selection"]["accuracy"] == max(selection_accuracy)
+    assert metrics["selection"]["epoch"] == metrics["best_epoch"]
+    assert metrics["heldout"]["accuracy"] >= 0.75
+    assert not (tmp_path / "reports/live/plots/metrics/val").exists()  # the held-out split has no curve
     assert {p.name for p in (tmp_path / "models/checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    assert metrics["precision"] == "float32" and metrics["precision_choice"]["rule"] == "capability"
+
+    predictions = read_predictions(tmp_path / "reports/predictions.json")
+    assert predictions.split == "val" and set(predictions.rows) == {"finetune", "start"}
+    assert int(predictions.correct("finetune").sum()) == metrics["heldout"]["correct"]
 
     export = torch.load(tmp_path / "models/classifier.pt", weights_only=True)
-    assert export["classes"] == CLASSES and export["layer"] == "pool" and export["backbone"]["name"] == "tiny"
+    assert export["classes"] == CLASSES and export["backbone"]["name"] == "tiny"
+    assert export.get("layers", [export.get("layer")]) == ["pool"]
     assert export["head"]["weight"].shape == (2, 256) and "classifier.weight" not in export["backbone_state"]
     model = load_classifier(tmp_path / "models/classifier.pt")  # what `python -m stages.predict` runs
     val = sorted((project / "data/raw/val").rglob("*.png"))
@@ -346,8 +421,9 @@ def test_main_writes_head_style_metrics_an_export_predict_reads_and_dvclive_curv
     labels = np.array([CLASSES.index(path.parent.name) for path in val])
     probs = np.array([[next(t["probability"] for t in r["topk"] if t["class"] == c) for c in CLASSES]
                       for r in results])
-    assert float((probs.argmax(1) == labels).mean()) == metrics["val"]["accuracy"]
-    assert -np.log(probs[np.arange(len(labels)), labels]).mean() == pytest.approx(metrics["val"]["log_loss"], abs=1e-5)
+    assert float((probs.argmax(1) == labels).mean()) == metrics["heldout"]["accuracy"]
+    assert -np.log(probs[np.arange(len(labels)), labels]).mean() == pytest.approx(metrics["heldout"]["log_loss"],
+                                                                                  abs=1e-5)
 
 
 def probe_export(project: Path, head: dict) -> dict:
@@ -358,9 +434,10 @@ def probe_export(project: Path, head: dict) -> dict:
 
 def test_main_starts_from_the_probe_and_rejects_a_mismatched_one(project, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CI", "1")
-    weight = torch.randn(2, 256, dtype=torch.float64)
+    weight = 0.05 * torch.randn(2, 256, dtype=torch.float64)
+    bias = torch.tensor([0.1, -0.1], dtype=torch.float64)
     probe = probe_export(project, {"kind": "logreg", "type": "linear", "output": "softmax", "weight": weight,
-                                   "bias": torch.tensor([0.1, -0.1], dtype=torch.float64)})
+                                   "bias": bias})
     torch.save(probe, tmp_path / "probe.pt")
     # head regime, learning rates that cannot move float32 weights: the exported head is the probe
     params = write_params(project, init_head="probe", regime="head", lr_head=1e-30, weight_decay=0.0, epochs=1)
@@ -368,9 +445,24 @@ def test_main_starts_from_the_probe_and_rejects_a_mismatched_one(project, tmp_pa
     export = torch.load(tmp_path / "run/models/classifier.pt", weights_only=True)
     assert torch.equal(export["head"]["weight"], weight.float().double())
 
+    # the "probe" row of predictions.json (the net at step 0) is the probe applied to the backbone's features
+    backbone = get_backbone("tiny", tiny_custom(project))
+    rows = [r for r in read_manifest(project / "data/prepared/manifest.csv") if r.split == "val"]
+    images, labels = val_images(project, backbone, rows)
+    with torch.no_grad():
+        features = build_finetune_net(backbone, project / "models/pretrained/tiny.pth", 2).body.eval()(images)
+    expected = torch.softmax(features.double() @ weight.T + bias, 1).numpy()
+    predictions = read_predictions(tmp_path / "run/reports/predictions.json")
+    assert predictions.paths == [r.path for r in rows] and set(predictions.rows) == {"finetune", "probe"}
+    np.testing.assert_array_equal(predictions.rows["probe"]["predicted"], expected.argmax(1))
+    np.testing.assert_allclose(predictions.rows["probe"]["confidence"], expected.max(1), atol=2e-6)
+    metrics = json.loads((tmp_path / "run/reports/metrics.json").read_text())
+    assert metrics["probe_heldout"]["accuracy"] == float((expected.argmax(1) == labels).mean())
+
     for name, change, message in (
             ("classes", {"classes": ["cats", "dogs"]}, "classes is ['cats', 'dogs'] but the fine-tune needs"),
-            ("layer", {"layer": "blocks.3"}, "layer is 'blocks.3' but the fine-tune needs 'pool'"),
+            ("layer", {"layer": "blocks.3"}, "layers is ['blocks.3'] but the fine-tune needs ['pool']"),
+            ("layers", {"layers": ["pool", "mid"]}, "layers is ['pool', 'mid'] but the fine-tune needs ['pool']"),
             ("rbf", {"head": {"kind": "svm_rbf", "type": "rbf_svm"}}, "a 'svm_rbf' head has no linear weight"),
             ("missing", None, "missing.pt not found")):
         if change is not None:
@@ -421,6 +513,84 @@ def test_checkpoint_resumes_when_only_the_list_of_finetuned_backbones_changes(pr
     assert (metrics["resumed_from_epoch"], metrics["epochs_run"], metrics["backbone"]) == (1, 1, "tiny")
 
 
+# --- the protocol: what chooses, what is held out ----------------------------------------------------------
+
+def test_selection_slice_is_stratified_seeded_and_disjoint_from_training():
+    classes = ["a", "b", "c"]
+    rows = [ManifestRow(f"{split}/{name}/{i:02d}.png", name, k, split, "", 1, 1)
+            for split, sizes in (("train", (20, 10, 2)), ("val", (3, 3, 3)))
+            for k, (name, n) in enumerate(zip(classes, sizes)) for i in range(n)]
+    plan = plan_splits(rows, classes, selection_fraction=0.15, seed=0)
+    assert (plan.heldout_split, plan.selection_method) == ("val", "train_slice")
+    assert np.bincount(plan.selection.labels).tolist() == [3, 2, 1]  # round(15%), at least 1, never the whole class
+    train_paths = {r.path for r in rows if r.split == "train"}
+    assert set(plan.selection.paths).isdisjoint(plan.train.paths)
+    assert set(plan.selection.paths) | set(plan.train.paths) == train_paths
+    assert plan.heldout.paths == [r.path for r in rows if r.split == "val"]
+    assert plan_splits(rows, classes, selection_fraction=0.15, seed=0) == plan
+    assert plan_splits(rows, classes, selection_fraction=0.15, seed=1).selection != plan.selection
+
+    with_test = [dataclasses.replace(r, split="test") if r.split == "val" else r for r in rows]
+    with_test += [ManifestRow(f"val/{name}/x.png", name, k, "val", "", 1, 1) for k, name in enumerate(classes)]
+    plan = plan_splits(with_test, classes, selection_fraction=0.15, seed=0)
+    assert (plan.heldout_split, plan.selection_method) == ("test", "val")
+    assert plan.selection.paths == [f"val/{name}/x.png" for name in classes] and len(plan.train.paths) == 32
+    assert plan.heldout.paths == [r.path for r in with_test if r.split == "test"] and len(plan.heldout.paths) == 9
+
+    one = [r for r in rows if not (r.cls == "c" and r.path.endswith("01.png") and r.split == "train")]
+    with pytest.raises(FinetuneError, match="at least 2 train images; 'c' has 1"):
+        plan_splits(one, classes, selection_fraction=0.15, seed=0)
+    with pytest.raises(FinetuneError, match="nothing can be held out"):
+        plan_splits([r for r in rows if r.split == "train"], classes, selection_fraction=0.15, seed=0)
+
+
+def write_layout(project: Path, folder: Path, *, layout: str, poison: bool) -> Path:
+    """A manifest over the project's images: "train_val" as made, or "train_val_test" (val becomes test, two train
+    images per class become val); `poison` swaps the class of every held-out row. Returns its path."""
+    rows = list(csv.DictReader(open(project / "data/prepared/manifest.csv", encoding="utf-8")))
+    heldout = "val"
+    if layout == "train_val_test":
+        heldout = "test"
+        for row in rows:
+            if row["split"] == "val":
+                row["split"] = "test"
+            elif row["path"].endswith(("06.png", "07.png")):
+                row["split"] = "val"
+    for row in rows:
+        if poison and row["split"] == heldout:
+            row["label"] = 1 - int(row["label"])
+            row["class"] = CLASSES[row["label"]]
+    folder.mkdir(parents=True)
+    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    return folder / "manifest.csv"
+
+
+@pytest.mark.parametrize("layout, method", [("train_val", "train_slice"), ("train_val_test", "val")])
+def test_poisoned_heldout_labels_change_no_choice(project, tmp_path, monkeypatch, layout, method):
+    """Held-out labels reach nothing but the reported numbers: the same epochs, curves and chosen epoch with every
+    held-out label flipped, and (two classes) exactly the complementary held-out accuracy."""
+    monkeypatch.setenv("CI", "1")
+    params = write_params(project, init_head="random", regime="full", epochs=3, lr_backbone=0.003, lr_head=0.01,
+                          patience=1)
+    metrics, curves = {}, {}
+    for poison in (False, True):
+        manifest = write_layout(project, tmp_path / f"data-{poison}", layout=layout, poison=poison)
+        assert run_main(project, tmp_path / f"run-{poison}", params, manifest=manifest) == 0
+        metrics[poison] = json.loads((tmp_path / f"run-{poison}/reports/metrics.json").read_text())
+        curves[poison] = (tmp_path / f"run-{poison}/reports/live/plots/metrics/selection/accuracy.tsv").read_text()
+    clean, poisoned = metrics[False], metrics[True]
+    assert clean["selection"]["method"] == method and clean["heldout_split"] == layout.split("_")[-1]
+    assert poisoned["selection"] == clean["selection"] and curves[True] == curves[False]
+    assert (poisoned["best_epoch"], poisoned["epochs_run"]) == (clean["best_epoch"], clean["epochs_run"])
+    assert poisoned["heldout"]["correct"] == clean["heldout"]["n"] - clean["heldout"]["correct"]
+    if method == "val":
+        assert clean["selection"]["n"] == 4 and "val" not in clean  # val chose the epoch: it is not reported
+
+
 def test_dvc_yaml_generates_one_finetune_stage_per_listed_backbone_tracking_every_other_key():
     from stages.finetune import parse_args
 
@@ -432,10 +602,12 @@ def test_dvc_yaml_generates_one_finetune_stage_per_listed_backbone_tracking_ever
     args = parse_args(stage["do"]["cmd"][-1].replace("${item}", "efficientnet_lite0").split()[3:])
     assert (args.backbone, str(args.out), str(args.reports), str(args.probe)) == (
         "efficientnet_lite0", "models/finetune/efficientnet_lite0", "reports/finetune/efficientnet_lite0",
-        "models/efficientnet_lite0/classifier.pt")
+        "models/efficientnet_lite0/probe_pool.pt")
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["do"]["outs"]]
-    assert outs == ["models/finetune/${item}/classifier.pt", "models/finetune/${item}/checkpoints"]
+    assert outs == ["models/finetune/${item}/classifier.pt", "models/finetune/${item}/checkpoints",
+                    "reports/finetune/${item}/predictions.json"]
     assert [next(iter(m)) for m in stage["do"]["metrics"]] == ["reports/finetune/${item}/metrics.json"]
     deps = set(stage["do"]["deps"])
     assert {str(a) for a in (args.raw, args.manifest)} | {"models/pretrained/${item}.pth",
-                                                           "models/${item}/classifier.pt"} <= deps
+                                                           "models/${item}/probe_pool.pt"} <= deps
+    assert {"stages/finetune.py", "stages/evaluation.py", "stages/metrics.py", "stages/predict.py"} <= deps
