@@ -46,7 +46,7 @@ NPROC ?= 2
 finetune-ddp: install
 	torchrun --standalone --nproc_per_node $(NPROC) -m stages.finetune --backbone $(BACKBONE) --raw data/raw \
 		--manifest data/prepared/manifest.csv --weights models/pretrained/$(BACKBONE).pth \
-		--probe models/$(BACKBONE)/classifier.pt --out models/finetune/$(BACKBONE) --reports reports/finetune/$(BACKBONE)
+		--probe models/$(BACKBONE)/probe_pool.pt --out models/finetune/$(BACKBONE) --reports reports/finetune/$(BACKBONE)
 
 test: install
 	$(BIN)/python -m pytest -q

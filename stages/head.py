@@ -31,6 +31,7 @@ Outputs (predictions are the argmax of the probabilities everywhere; every accur
     reports/NAME/errors.csv          misclassified held-out images: path,true,predicted,prob (prob of the prediction)
     reports/NAME/plots/confusion.json, calibration.json, per_class.json (DVC plots, held-out) and the same as PNG
     models/NAME/classifier.pt        backbone + preprocessing + head (format: stages/predict.py)
+    models/NAME/probe_pool.pt        the best probe on the pooled embedding alone: where finetune@NAME starts
     models/NAME/MODEL_CARD.md        what it was trained on, held-out metrics with intervals, provenance, use, limits
 """
 from __future__ import annotations
@@ -732,7 +733,8 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
     selection.update(split="+".join(sorted(set(dataset.split[rows].tolist()))), n=int(len(rows)),
                      accuracy=best.accuracy, log_loss=best.log_loss, chosen=best.candidate.as_dict(),
                      candidates=[s.as_dict() for s in scores])
-    return {"heldout_split": heldout_name, "heldout_rows": heldout, "probe": probe, "best": best, "scores": scores,
+    return {"heldout_split": heldout_name, "heldout_rows": heldout, "probe": probe, "probes": probes, "best": best,
+            "scores": scores,
             "selection": selection, "feature_sets": per_set, "knn": knn, "few_shot": few_shot,
             "predictions": predictions}
 
@@ -758,28 +760,36 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
     proba = result["predictions"]["probe"]
     y_heldout = dataset.labels[heldout]
 
-    head_spec = export_head(probe)
-    verify_export(head_spec, probe, features)
     state, classifier = backbone_export(backbone, weights_path)
     provenance = {  # the features file and what it was computed from
         "path": str(features_path), "sha256": sha256_file(features_path),
         "weights": str(weights_path), "manifest": str(manifest_path), **hashes,
         **{key: data.attrs.get(key) for key in ("storage_dtype", "precision", "preprocess", "tta", "tta_mode")},
         "n_images": len(dataset.labels), "augmented_rows": int(len(data.augmented_source))}
-    export = build_export(
-        backbone_name=backbone_name, backbone_state=state, layers=layers,
-        backbone_spec={"arch": backbone.arch, "classifier": classifier, "build_kwargs": dict(backbone.build_kwargs),
-                       "preprocess": data.attrs.get("preprocess"), "tta": list(data.attrs.get("tta") or ["none"]),
-                       "precision": data.attrs.get("precision") or "float32"},
-        classes=classes, head_spec=head_spec,
-        provenance={"features": provenance, "chosen": best.candidate.as_dict(), "selection": result["selection"]["method"],
-                    "heldout_split": result["heldout_split"],
-                    "versions": {"torch": str(torch.__version__), "sklearn": module_version("sklearn")}})
-    check_feature_dim(export, int(features.shape[1]), features_path)
-    with atomic_path(model_path) as tmp:
-        with open(tmp, "wb") as fh:  # a file object: the zip records are named archive/..., not after the random
-            torch.save(export, fh)  # temporary file, so the same export gives the same bytes (and DVC hash)
-        torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: plain tensors and values only
+
+    def export_of(chosen: Probe) -> dict[str, Any]:
+        """classifier.pt's dict for a fitted probe, checked against the probe on the held-out features."""
+        chosen_layers = list(chosen.candidate.layers)
+        chosen_features = dataset.eval_set(chosen_layers, "none", heldout)
+        head_spec = export_head(chosen)
+        verify_export(head_spec, chosen, chosen_features)
+        export = build_export(
+            backbone_name=backbone_name, backbone_state=state, layers=chosen_layers,
+            backbone_spec={"arch": backbone.arch, "classifier": classifier,
+                           "build_kwargs": dict(backbone.build_kwargs), "preprocess": data.attrs.get("preprocess"),
+                           "tta": list(data.attrs.get("tta") or ["none"]),
+                           "precision": data.attrs.get("precision") or "float32"},
+            classes=classes, head_spec=head_spec,
+            provenance={"features": provenance, "chosen": chosen.candidate.as_dict(),
+                        "selection": result["selection"]["method"], "heldout_split": result["heldout_split"],
+                        "versions": {"torch": str(torch.__version__), "sklearn": module_version("sklearn")}})
+        check_feature_dim(export, int(chosen_features.shape[1]), features_path)
+        return export
+
+    save_export(model_path, export_of(probe))
+    # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
+    # the best pool-only candidate of the same selection, or the chosen probe when pool alone was not offered.
+    save_export(model_path.parent / "probe_pool.pt", export_of(result["probes"].get(("pool",), probe)))
 
     warnings_ = list(dict.fromkeys([m for s in result["scores"] for m in s.warnings] + probe.warnings))
     metrics = {
@@ -868,6 +878,14 @@ classes were evaluated on {heldout['n']} images: small classes have wide per-cla
 python -m stages.predict path/to/image_or_folder --model {model_path} --topk 3
 ```
 """
+
+
+def save_export(path: Path, export: dict[str, Any]) -> None:
+    """Write a classifier.pt dict atomically and check that it loads with weights_only=True."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: the zip records are named archive/..., not after the random
+            torch.save(export, fh)  # temporary file, so the same export gives the same bytes (and DVC hash)
+        torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: plain tensors and values only
 
 
 def escape_md(text: str) -> str:

@@ -418,6 +418,9 @@ def test_stage_writes_metrics_predictions_errors_plots_and_an_export_that_predic
     assert [project["classes"][k] for k in probabilities.argmax(1)] == [c["predicted"] for c in confusion]
     np.testing.assert_allclose(probabilities.max(1), predictions.rows["probe"]["confidence"], atol=1e-5)
 
+    pool = torch.load(project["root"] / "models" / "tiny" / "probe_pool.pt", weights_only=True)
+    pool_set = next(s for s in metrics["feature_sets"] if s["layers"] == ["pool"])
+    assert pool["layers"] == ["pool"] and pool["provenance"]["chosen"]["C"] == pool_set["C"]  # fine-tune's start
     card = (project["root"] / "models" / "tiny" / "MODEL_CARD.md").read_text()
     assert f"accuracy [95% Wilson interval] | {heldout['accuracy']:.4f} [{heldout['accuracy_ci_low']:.4f}" in card
     assert "## Held-out performance (test split, 4 images" in card and "| ants | 8 | 4 | 2 |" in card
