@@ -24,7 +24,8 @@ non-held-out images only; the held-out split is predicted once):
 Columns: held-out accuracy [95% Wilson interval]; McNemar p against the baseline on the same images; the
 selection (CV) accuracy; "auto": whether the protocol, offered the baseline and the lever, picks the lever (it
 compares their CV accuracies, never the held-out ones); seconds (extraction share included where the lever needs
-one). A lever becomes a default only where it wins across datasets; see README.
+one; levers that share the main extraction get an apportioned share of its seconds, an estimate). A lever
+becomes a default only where it wins across datasets; see README.
 """
 from __future__ import annotations
 

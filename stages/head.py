@@ -44,6 +44,7 @@ import logging
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -650,10 +651,6 @@ def backbone_export(backbone: Any, weights_path: Path) -> tuple[dict[str, torch.
     return dict(model.state_dict()), classifier
 
 
-def heldout_metrics(proba: np.ndarray, labels: np.ndarray, classes: Sequence[str], ece_bins: int) -> dict[str, Any]:
-    return classification_metrics(proba, labels, classes, ece_bins=ece_bins)
-
-
 def drop_audited_heldout(dataset: Dataset, audit_path: Path | None) -> tuple[Dataset, dict[str, Any] | None]:
     """The audit stage's decision (reports/<bb>/audit/heldout.json, stages/audit.py: {"policy", "heldout_split",
     "dropped_from_heldout": [paths]}) applied to `dataset`: with policy drop_from_heldout, the held-out images it
@@ -720,12 +717,12 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
         probes[layers] = probe
         predictions["layers=" + "+".join(layers)] = proba
         per_set.append({"layers": list(layers), **own.candidate.as_dict(), "selection_accuracy": own.accuracy,
-                        "heldout": heldout_metrics(proba, y_heldout, classes, params.ece_bins)})
+                        "heldout": classification_metrics(proba, y_heldout, classes, ece_bins=params.ece_bins)})
     probe = probes[best.candidate.layers]
     predictions["probe"] = predictions["layers=" + "+".join(best.candidate.layers)]
     knn, knn_prob = knn_probe(dataset, rows, heldout, folds, feature_sets=feature_sets, ks=params.knn_k,
                               n_classes=n_classes)
-    knn["heldout"] = heldout_metrics(knn_prob, y_heldout, classes, params.ece_bins)
+    knn["heldout"] = classification_metrics(knn_prob, y_heldout, classes, ece_bins=params.ece_bins)
     predictions["knn"] = knn_prob
     few_shot = few_shot_curve(dataset, rows, heldout, best.candidate, shots=params.few_shot,
                               draws=params.few_shot_draws, seed=params.seed, max_iter=params.max_iter)
@@ -756,7 +753,6 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
     result = evaluate_protocol(dataset, classes, params, feature_sets)
     probe, heldout, best = result["probe"], result["heldout_rows"], result["best"]
     layers = list(best.candidate.layers)
-    features = dataset.eval_set(layers, "none", heldout)
     proba = result["predictions"]["probe"]
     y_heldout = dataset.labels[heldout]
 
@@ -796,20 +792,18 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
         "backbone": backbone_name, "head": best.candidate.kind, "layers": layers,
         "normalization": best.candidate.normalization, "C": best.candidate.C,
         "heldout_split": result["heldout_split"],
-        "heldout": heldout_metrics(proba, y_heldout, classes, params.ece_bins),
+        "heldout": next(s["heldout"] for s in result["feature_sets"] if s["layers"] == layers),  # the chosen set's
         "selection": result["selection"], "feature_sets": result["feature_sets"], "knn": result["knn"],
         "few_shot": result["few_shot"],
-        "train_seconds": round(probe.train_seconds, 4), "feature_dim": int(features.shape[1]),
+        "train_seconds": round(probe.train_seconds, 4), "feature_dim": int(sum(probe.block_dims)),
         "n_selection": int(result["selection"]["n"]),
         "n_heldout": int(len(heldout)), "converged": not warnings_, "warnings": warnings_,
         "probabilities": probe.probabilities, "features": provenance}
     if audit is not None:
         metrics["audit"] = {**audit, "n_dropped_from_heldout": len(audit["dropped_from_heldout"])}
     write_json(reports_dir / "metrics.json", metrics)
-    counts: dict[str, dict[str, int]] = {}
-    for label, name in zip(dataset.labels, dataset.split):
-        counts.setdefault(str(name), {}).setdefault(classes[label], 0)
-        counts[str(name)][classes[label]] += 1
+    counts = {str(split): dict(Counter(classes[label] for label in dataset.labels[dataset.split == split]))
+              for split in np.unique(dataset.split)}
     write_text(model_path.parent / "MODEL_CARD.md", model_card(
         backbone_name=backbone_name, metrics=metrics, classes=classes, split_counts=counts,
         preprocess=data.attrs.get("preprocess"), weights_path=weights_path, model_path=model_path))
