@@ -15,7 +15,7 @@ export PIPELINE_MIRROR
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, timm, h5py, dvc, sklearn, ray.data, stages.backbones"
+	$(BIN)/python -c "import torch, torchvision, timm, h5py, dvc, sklearn, ray.data, onnxruntime, openvino, onnxscript, stages.backbones"
 	touch $@
 
 install: $(VENV)/.installed

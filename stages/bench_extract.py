@@ -1,19 +1,19 @@
 """Benchmark of the extract stage: one table from one run on the same real images.
 
-`python -m stages.bench_extract [--backbones resnet50 efficientnet_lite0] [--images N]`
+`python -m stages.bench_extract [--backbones efficientnet_lite0 resnet50] [--images N]` (= `make bench`)
 
-For each backbone, on the same images (hymenoptera from the dataset mirror, or generated JPEGs when it
-is absent): images/s of plain eager fp32 and of the path `extract.device/precision/compile: auto` picks
-(the precision by hardware capability, stages.extract.choose_precision; memory format, threads and compile by
-stages.extract.select_path: the stage's own code), timed batch by batch interleaved so that load from
-other processes hits both; achieved GFLOP/s (FLOPs counted with torch.utils.flop_counter) against a
-matmul ceiling measured in the same run in the chosen dtype; the decode-only rate (is decode or the model
-the bottleneck?); and the cost of the seeds' approach (decode + augment + frozen backbone in fp32 eager,
-train mode, + a head step, every one of E epochs; one epoch measured, times E) against extract-once + head
-(choosing the path as the stage does, the stage's decode + forward loop, then the head stage's sklearn
-LogisticRegression sweep on the cached features).
-Backbones without offline weights (resnet50) run with random-init weights: fine for throughput, and the
-table says so.
+For each backbone, on the same images (hymenoptera from the dataset mirror, or generated JPEGs when it is absent):
+- every candidate engine x dtype x layout this machine can run (torch eager contiguous / channels_last at float32
+  and bf16 autocast, ONNX Runtime float32, OpenVINO f32 and, where native, bf16), model only, timed by the stage's
+  own measurement (stages.engines.choose.measure: interleaved rounds, repeated while noisy), with each one's
+  features compared with eager float32 and whether the numerics rule allows it at the stage's precision;
+- the stage's choice (stages.engines.choose.choose on those measurements, one-time costs charged against the images
+  left) and the ratios the issue states: auto / fastest allowed, auto / eager fp32, exact-fp32 auto / eager fp32;
+- end to end per allowed engine: the stage's own loop (decode + preprocess + engine + storage conversion) over all
+  images, against the serial bound 1 / (1/model-only + 1/decode-only) measured in the same run;
+- the seeds' approach (decode + augment + frozen backbone in fp32 eager, train mode, + a head step, every one of E
+  epochs; one epoch measured, times E) against extract-once + head.
+Backbones without offline weights (resnet50) run with random-init weights: fine for throughput, and the table says so.
 """
 from __future__ import annotations
 
@@ -33,15 +33,21 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages import extract as ex
 from stages.backbones import (Backbone, FeatureModel, build_feature_model, build_model, classifier_path,
                               get_backbone)
+from stages.engines import Candidate, run_views
+from stages.engines.choose import (_timed, build_engine, choose, choose_precision, compare_features, measure,
+                                   read_capability, within_parity)
+from stages.engines.graph import export_graph, graph_key
+from stages.engines.torch import resolve_device
+from stages.features import to_storage
+from stages.hardware import DTYPES, read_cpu_capability
 from stages.images import IMAGE_EXTENSIONS, ImageDataset, eval_dataset, train_transform
-from stages.io import mirror_dirs, setup_logging
+from stages.io import mirror_dirs, setup_logging, sha256_file
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONES = ("resnet50", "efficientnet_lite0")
+DEFAULT_BACKBONES = ("efficientnet_lite0", "resnet50")
 HEAD_C = (0.01, 0.1, 1.0, 10.0)  # the head stage's default sweep
 
 
@@ -80,16 +86,17 @@ def generate_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def load_model(backbone: Backbone) -> tuple[FeatureModel, str]:
-    """The frozen feature model with verified offline weights, or with random-init weights when none are
-    available offline (throughput is the same)."""
+def load_model(backbone: Backbone) -> tuple[FeatureModel, str, str]:
+    """The frozen feature model with verified offline weights, or with random-init weights (seeded) when none are
+    available offline (throughput is the same). Returns (model, note, weights id for the graph cache)."""
     weights = backbone.weights.package_path()
     if weights is not None and weights.is_file():
-        return build_feature_model(backbone, weights), "pretrained (offline package)"
+        return build_feature_model(backbone, weights), "pretrained (offline package)", sha256_file(weights)
+    torch.manual_seed(0)
     model = build_model(backbone)
     feature_model = FeatureModel(model, classifier_path(backbone, model), ("pool",)).eval()
     feature_model.requires_grad_(False)
-    return feature_model, "random init (no offline weights; throughput only)"
+    return feature_model, "random init (no offline weights; throughput only)", "random-init-seed-0"
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -118,29 +125,34 @@ def _seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_rates(runners: dict[str, tuple[Callable, ex.ComputePath, int]], batches: Sequence[torch.Tensor]
-                      ) -> dict[str, float]:
-    """images/s of each (model, path, torch threads) over all `batches`, timed batch by batch in turn
-    (after a warm-up batch), so that load from other processes hits every runner alike."""
-    totals = dict.fromkeys(runners, 0.0)
-    size = batches[0].shape[0]  # a compiled model sees one shape
-    with torch.inference_mode():
-        for model, path, threads in runners.values():
-            torch.set_num_threads(threads)
-            ex.forward_features(model, batches[0], path=path, views=("none",), pad_to=size)
-        for batch in batches:
-            for name, (model, path, threads) in runners.items():
-                torch.set_num_threads(threads)
-                totals[name] += _seconds(lambda: ex.forward_features(model, batch, path=path, views=("none",),
-                                                                     pad_to=size))
-    images = sum(b.shape[0] for b in batches)
-    return {name: images / seconds for name, seconds in totals.items()}
+def table_candidates(device: str, capability: dict[str, Any]) -> list[Candidate]:
+    """Every engine x dtype x layout worth a row on this machine (the numerics rule decides later which are
+    allowed): eager fp32 first."""
+    found = [Candidate("torch", device, "float32", "contiguous"), Candidate("torch", device, "float32", "channels_last"),
+             Candidate("torch", device, "bfloat16", "channels_last")]
+    if device == "cpu":
+        found += [Candidate("onnxruntime", "cpu", "float32", "graph"), Candidate("openvino", "cpu", "float32", "graph")]
+        if capability["native_bfloat16"]:
+            found.append(Candidate("openvino", "cpu", "bfloat16", "graph"))
+    return found
 
 
-def extract_once(model: Callable, path: ex.ComputePath, files: Sequence[Path], labels: Sequence[int],
-                 backbone: Backbone, *, batch_size: int, num_workers: int) -> tuple[np.ndarray, float, float]:
-    """The stage's loop end to end (decode in workers + forward). Returns (features [N, D], seconds,
-    decode-only images/s of the same loader)."""
+def model_only_rates(engines: dict[str, Callable], batches: Sequence[torch.Tensor], *, repeats: int = 3
+                     ) -> dict[str, float]:
+    """Best images/s of each engine on full batches, timed in turn (round-robin, `repeats` rounds) so that load
+    from other processes hits every engine alike."""
+    best = dict.fromkeys(engines, 0.0)
+    for batch in [b for b in batches if b.shape[0] == batches[0].shape[0]][:1] * repeats:
+        for name, engine in engines.items():
+            seconds, _ = _timed(engine, batch, ("none",))
+            best[name] = max(best[name], batch.shape[0] / seconds)
+    return best
+
+
+def extract_loop(engine: Callable, files: Sequence[Path], labels: Sequence[int], backbone: Backbone, *,
+                 batch_size: int, num_workers: int) -> tuple[np.ndarray, float]:
+    """The stage's loop end to end: decode + preprocess (DataLoader, the stage's workers) + engine + storage
+    conversion, over every image. Returns (pool features [N, D], seconds)."""
     dataset = eval_dataset("/", [str(f) for f in files], list(labels), backbone.preprocess)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          prefetch_factor=4 if num_workers else None)
@@ -148,11 +160,18 @@ def extract_once(model: Callable, path: ex.ComputePath, files: Sequence[Path], l
     features = []
     with torch.inference_mode():
         for images, _, _ in loader:
-            features.append(ex.forward_features(model, images, path=path, views=("none",),
-                                                pad_to=batch_size)["pool"][:, 0])
-    seconds = time.perf_counter() - start
-    decode_seconds = _seconds(lambda: [None for _ in loader])
-    return np.concatenate(features), seconds, len(files) / decode_seconds
+            out = run_views(engine, images, views=("none",))
+            features.append(to_storage(out, ["pool"], tta_mode="average", storage_dtype="float32")[0][:, 0])
+    return np.concatenate(features), time.perf_counter() - start
+
+
+def decode_only_rate(files: Sequence[Path], labels: Sequence[int], backbone: Backbone, *, batch_size: int,
+                     num_workers: int) -> float:
+    """images/s of the stage's decode + preprocess alone (the same DataLoader, no model)."""
+    dataset = eval_dataset("/", [str(f) for f in files], list(labels), backbone.preprocess)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         prefetch_factor=4 if num_workers else None)
+    return len(files) / _seconds(lambda: [None for _ in loader])
 
 
 def fit_head(features: np.ndarray, labels: Sequence[int]) -> float:
@@ -192,133 +211,154 @@ def seeds_epoch(model: FeatureModel, files: Sequence[Path], labels: Sequence[int
 
 
 def bench_backbone(name: str, files: Sequence[Path], labels: Sequence[int], *, batch_size: int, epochs: int,
-                   compile_mode: str, capability: dict[str, Any], num_workers: int) -> dict[str, Any]:
+                   capability: dict[str, Any], num_workers: int, graphs: Path, precision: str) -> dict[str, Any]:
     """All measurements for one backbone (see the module docstring)."""
     backbone = get_backbone(name)
-    model, weights_note = load_model(backbone)
+    model, weights_note, weights_id = load_model(backbone)
     dataset = eval_dataset("/", [str(f) for f in files], list(labels), backbone.preprocess)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     batches = list(images.split(batch_size))
-
-    device = ex.resolve_device("auto")
+    device = resolve_device("auto")
     cores = capability["cores"]
-    precision, precision_reason = ex.choose_precision("auto", device=device, capability=ex.read_capability(device))
-    candidates = ex.candidate_paths(device, precision)
-    auto_model = copy.deepcopy(model)
     torch.set_num_threads(cores)
-    start = time.perf_counter()
+    stage_precision, precision_reason = choose_precision(precision, device=device, capability=read_capability(device))
+
+    key = graph_key(backbone=name, weights_sha256=weights_id, layers=("pool",), input_size=backbone.preprocess.input_size)
+    graph, export = export_graph(model, key=key, cache=graphs)
+    engines: dict[str, Callable] = {}
+    costs: dict[str, float] = {}
+    for candidate in table_candidates(device, capability):
+        start = time.perf_counter()
+        engines[candidate.name] = build_engine(candidate, model=model, graph=graph, layers=("pool",), threads=cores)
+        costs[candidate.name] = time.perf_counter() - start
     with torch.inference_mode():
-        path, compiled, selection = ex.select_path(
-            auto_model, candidates, batches[:2], n_todo=len(files), compile_mode=compile_mode, views=("none",),
-            cores=cores if device == "cpu" else 1, batch_size=batch_size)
-    selection_seconds = time.perf_counter() - start  # measuring the candidates (+ compiling)
-    threads = torch.get_num_threads()
-    auto_runner = compiled if compiled is not None else ex.set_memory_format(auto_model, path)
-    eager_path = ex.ComputePath(device, "float32", False)
-    rates = interleaved_rates({"eager": (ex.set_memory_format(model, eager_path), eager_path, cores),
-                               "auto": (auto_runner, path, threads)}, batches)
+        stats, outputs, rounds = measure(engines, batches[:2], views=("none",))  # the stage's measurement
+        rates = model_only_rates(engines, batches)
+    eager = "torch+cpu+float32+contiguous" if device == "cpu" else f"torch+{device}+float32+contiguous"
+    rows = []
+    for engine_name in engines:
+        check = compare_features(outputs[eager], outputs[engine_name])
+        precision_of = engine_name.split("+")[2]
+        allowed = precision_of == stage_precision and (precision_of != "float32" or within_parity(check))
+        rows.append({"candidate": engine_name, "images_per_second": rates[engine_name], "allowed": allowed,
+                     "max_abs_diff": max(c["max_abs_diff"] for c in check.values()),
+                     "one_time_seconds": round(costs[engine_name] + stats[engine_name]["warm_up_seconds"], 3)})
+    candidates = [Candidate(*r["candidate"].split("+")[:4]) for r in rows]
+
+    def pick(allowed_names: set[str]) -> Candidate:
+        options = [c for c in candidates if c.name in allowed_names]  # eager contiguous first: the baseline
+        ordered = sorted(options, key=lambda c: (c.engine, c.layout) != ("torch", "contiguous"))
+        return choose(ordered, rates, costs={r["candidate"]: r["one_time_seconds"] for r in rows},
+                      n_todo=len(files))[0]
+
+    allowed = {r["candidate"] for r in rows if r["allowed"]} | ({eager} if stage_precision == "float32" else set())
+    auto = pick(allowed)
+    exact = pick({r["candidate"] for r in rows if r["candidate"].split("+")[2] == "float32"
+                  and within_parity(compare_features(outputs[eager], outputs[r["candidate"]]))})
+    for row in rows:
+        row["chosen"] = row["candidate"] == auto.name
+    fastest_allowed = max(rates[n] for n in allowed)
+
+    # End to end, per engine, measured back to back with its own bound (decode-only, then the stage's loop, then
+    # model-only over the same images), so that a load change between engines does not enter the ratio.
+    end_to_end = {}
+    for engine_name in sorted(allowed | {exact.name}, key=lambda n: -rates[n]):
+        decode_rate = decode_only_rate(files, labels, backbone, batch_size=batch_size, num_workers=num_workers)
+        features, seconds = extract_loop(engines[engine_name], files, labels, backbone, batch_size=batch_size,
+                                         num_workers=num_workers)
+        with torch.inference_mode():
+            model_seconds = sum(_timed(engines[engine_name], batch, ("none",))[0] for batch in batches)
+        model_rate = len(files) / model_seconds
+        bound = 1 / (1 / model_rate + 1 / decode_rate)
+        end_to_end[engine_name] = {"images_per_second": len(files) / seconds, "decode_images_per_second": decode_rate,
+                                   "model_images_per_second": model_rate, "serial_bound": bound,
+                                   "fraction_of_bound": len(files) / seconds / bound, "seconds": seconds}
+        if engine_name == auto.name:
+            auto_features, auto_seconds = features, seconds
 
     flops = flops_per_image(model, backbone.preprocess.input_size)
-    dtype = ex.DTYPES[path.precision]
-    torch.set_num_threads(threads)  # the ceiling at the thread count the auto path runs with
-    ceiling = matmul_ceiling(dtype) if device == "cpu" else None
-    ceiling_fp32 = matmul_ceiling(torch.float32) if device == "cpu" and dtype != torch.float32 else ceiling
-
-    features, extract_seconds, decode_rate = extract_once(auto_runner, path, files, labels, backbone,
-                                                          batch_size=batch_size, num_workers=num_workers)
-
-    head_seconds = fit_head(features, labels)
-    torch.set_num_threads(cores)  # the seeds ran with torch's default threads
-    epoch_seconds = seeds_epoch(model, files, labels, backbone, batch_size=batch_size,
-                                num_workers=num_workers, feature_dim=features.shape[1])
-    achieved = flops * rates["auto"] / 1e9
+    ceiling = matmul_ceiling(DTYPES[auto.precision]) if device == "cpu" else None
+    head_seconds = fit_head(auto_features, labels)
+    epoch_seconds = seeds_epoch(model, files, labels, backbone, batch_size=batch_size, num_workers=num_workers,
+                                feature_dim=auto_features.shape[1])
+    extract_once = export["export_seconds"] + auto_seconds + head_seconds
     return {
-        "backbone": name, "weights": weights_note, "path": path.name, "threads": threads,
-        "precision_reason": precision_reason, "candidates": [c.name for c in candidates],
-        "selection": selection,
-        "eager_fp32_images_per_second": rates["eager"], "auto_images_per_second": rates["auto"],
-        "auto_over_eager": rates["auto"] / rates["eager"],
-        "gflop_per_image": flops / 1e9, "achieved_gflops": achieved,
-        "eager_gflops": flops * rates["eager"] / 1e9,
-        "ceiling_dtype": path.precision, "matmul_ceiling_gflops": ceiling, "matmul_ceiling_fp32_gflops": ceiling_fp32,
-        "fraction_of_ceiling": achieved / ceiling if ceiling else None,
-        "compiled_fraction_of_ceiling": (flops * selection["compile"]["images_per_second"] / 1e9 / ceiling
-                                         if ceiling and "images_per_second" in selection["compile"] else None),
-        "end_to_end_images_per_second": len(files) / extract_seconds, "decode_images_per_second": decode_rate,
-        "bottleneck": "decode" if decode_rate < rates["auto"] else "model",
-        "extract_seconds": extract_seconds, "selection_seconds": selection_seconds, "head_seconds": head_seconds,
-        "seeds_epoch_seconds": epoch_seconds, "seeds_seconds": epochs * epoch_seconds,
-        "extract_once_seconds": selection_seconds + extract_seconds + head_seconds,
-        "seeds_over_extract_once": epochs * epoch_seconds / (selection_seconds + extract_seconds + head_seconds),
+        "backbone": name, "weights": weights_note, "precision": stage_precision, "precision_reason": precision_reason,
+        "graph_export": export, "measurement": rounds, "candidates": rows, "auto": auto.name, "exact_fp32": exact.name,
+        "eager_fp32_images_per_second": rates[eager], "auto_images_per_second": rates[auto.name],
+        "auto_over_fastest_allowed": rates[auto.name] / fastest_allowed,
+        "auto_over_eager": rates[auto.name] / rates[eager], "exact_over_eager": rates[exact.name] / rates[eager],
+        "decode_images_per_second": end_to_end[auto.name]["decode_images_per_second"], "end_to_end": end_to_end,
+        "gflop_per_image": flops / 1e9, "achieved_gflops": flops * rates[auto.name] / 1e9,
+        "matmul_ceiling_gflops": ceiling, "fraction_of_ceiling": flops * rates[auto.name] / 1e9 / ceiling if ceiling else None,
+        "head_seconds": head_seconds, "seeds_epoch_seconds": epoch_seconds, "seeds_seconds": epochs * epoch_seconds,
+        "extract_once_seconds": extract_once, "seeds_over_extract_once": epochs * epoch_seconds / extract_once,
     }
 
 
 # ------------------------------------------------------------------------------------ output
 def format_table(results: Sequence[dict[str, Any]], *, capability: dict[str, Any], header: dict[str, Any]) -> str:
-    """The benchmark as one plain-text table, metrics as rows and backbones as columns."""
+    """The benchmark as plain text: the CPU flags, the candidate table per backbone, then the ratios."""
     yes = {True: "yes", False: "no"}
     lines = [
-        f"CPU: {capability['model']}, {capability['cores']} cores; torch capability "
-        f"{capability['torch_capability']}; AVX2 {yes[capability['avx2']]}, AVX512 {yes[capability['avx512']]}, "
-        f"AVX512_BF16 {yes[capability['avx512_bf16']]}, AMX_BF16 {yes[capability['amx_bf16']]}, "
-        f"AVX512_FP16 {yes[capability['avx512_fp16']]} -> native bf16: {yes[capability['native_bfloat16']]}",
+        f"CPU: {capability['model']}, {capability['cores']} cores; torch capability {capability['torch_capability']}; "
+        f"AVX2 {yes[capability['avx2']]}, AVX512 {yes[capability['avx512']]}, AVX512_BF16 "
+        f"{yes[capability['avx512_bf16']]}, AMX_BF16 {yes[capability['amx_bf16']]}, AVX512_FP16 "
+        f"{yes[capability['avx512_fp16']]} -> native bf16: {yes[capability['native_bfloat16']]}",
         f"Images: {header['images']}; batch {header['batch_size']}, DataLoader workers {header['workers']}; "
-        f"torch {torch.__version__}; eager fp32 runs with {header['cores']} threads (torch's default)",
-        "",
-    ]
+        f"torch {torch.__version__}; precision: {results[0]['precision']} ({results[0]['precision_reason']})", ""]
+    names = [r["backbone"] for r in results]
+    width = max(len(c["candidate"]) for r in results for c in r["candidates"]) + 2
+    columns = [max(len(n), 30, len(r["auto"])) + 2 for n, r in zip(names, results)]
+    lines.append(f"model only, img/s (batch {header['batch_size']})".ljust(width) + "".join(n.rjust(w) for n, w in zip(names, columns)))
+    for candidate in [c["candidate"] for c in results[0]["candidates"]]:
+        cells = []
+        for r in results:
+            row = next((c for c in r["candidates"] if c["candidate"] == candidate), None)
+            if row is None:
+                cells.append("-")
+                continue
+            mark = "CHOSEN" if row["chosen"] else ("allowed" if row["allowed"] else "not allowed")
+            cells.append(f"{row['images_per_second']:.1f} {mark} ({row['max_abs_diff']:.0e})")
+        lines.append(candidate.ljust(width) + "".join(c.rjust(w) for c, w in zip(cells, columns)))
+    lines.append("")
 
-    def fmt(value: Any, digits: int = 1) -> str:
-        if value is None:
-            return "-"
-        return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+    def fmt(value: Any, digits: int = 2) -> str:
+        return "-" if value is None else (f"{value:,.{digits}f}" if isinstance(value, float) else str(value))
 
-    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    summary: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("weights", lambda r: r["weights"].split(" (")[0]),
-        ("eager fp32 images/s", lambda r: fmt(r["eager_fp32_images_per_second"])),
-        ("auto path", lambda r: r["path"]),
-        ("auto precision: why", lambda r: r["precision_reason"]),
-        ("auto torch threads", lambda r: str(r["threads"])),
-        ("auto images/s", lambda r: fmt(r["auto_images_per_second"])),
-        ("auto / eager fp32", lambda r: fmt(r["auto_over_eager"], 2) + "x"),
-        ("GFLOP per image (flop_counter)", lambda r: fmt(r["gflop_per_image"], 2)),
-        ("achieved GFLOP/s, eager fp32", lambda r: fmt(r["eager_gflops"])),
-        ("achieved GFLOP/s, auto", lambda r: fmt(r["achieved_gflops"])),
-        ("matmul ceiling GFLOP/s (chosen dtype)", lambda r: f"{fmt(r['matmul_ceiling_gflops'])} ({r['ceiling_dtype']})"),
-        ("matmul ceiling GFLOP/s (float32)", lambda r: fmt(r["matmul_ceiling_fp32_gflops"])),
-        ("auto / ceiling", lambda r: fmt(100 * r["fraction_of_ceiling"], 0) + "%" if r["fraction_of_ceiling"] else "-"),
-        ("compile trial (full batch)", lambda r: _compile_cell(r)),
-        ("end to end images/s (decode+forward)", lambda r: fmt(r["end_to_end_images_per_second"])),
-        ("decode only images/s (the loader)", lambda r: fmt(r["decode_images_per_second"])),
-        ("bottleneck", lambda r: r["bottleneck"]),
+        ("ONNX export (cached after)", lambda r: "cached" if r["graph_export"]["cached"]
+         else f"{r['graph_export']['export_seconds']:.1f} s"),
+        ("auto engine", lambda r: r["auto"]),
+        ("auto / fastest allowed (>= 0.95)", lambda r: fmt(r["auto_over_fastest_allowed"]) + "x"),
+        ("auto / eager fp32", lambda r: fmt(r["auto_over_eager"]) + "x"),
+        ("exact-fp32 auto / eager fp32 (>= 2)", lambda r: fmt(r["exact_over_eager"]) + "x"),
+        ("decode only img/s (before the auto run)", lambda r: fmt(r["decode_images_per_second"], 1)),
+        *[(f"end to end / serial bound, {engine.split('+')[0]}+{engine.split('+')[3]}",
+           (lambda e: lambda r: fmt(r["end_to_end"][e]["fraction_of_bound"]) + "x" if e in r["end_to_end"] else "-")(engine))
+          for engine in dict.fromkeys(e for r in results for e in r["end_to_end"])],
+        ("end to end img/s, auto", lambda r: fmt(r["end_to_end"][r["auto"]]["images_per_second"], 1)),
+        ("achieved GFLOP/s, auto (of matmul ceiling)", lambda r: f"{fmt(r['achieved_gflops'], 1)} "
+         f"({fmt(100 * r['fraction_of_ceiling'], 0)}%)" if r["fraction_of_ceiling"] else "-"),
         (f"seeds: {header['epochs']} epochs, s", lambda r: fmt(r["seeds_seconds"], 1)),
-        ("extract once: choose + run + head, s", lambda r: (
-            f"{fmt(r['selection_seconds'], 1)} + {fmt(r['extract_seconds'], 1)} + {fmt(r['head_seconds'], 2)}")),
+        ("extract once (export + run + head), s", lambda r: fmt(r["extract_once_seconds"], 1)),
         ("seeds / extract once", lambda r: fmt(r["seeds_over_extract_once"], 1) + "x"),
     ]
-    width = max(len(label) for label, _ in rows) + 2
-    columns = [max(len(r["backbone"]), *(len(cell(r)) for _, cell in rows)) + 2 for r in results]
-    lines.append("".ljust(width) + "".join(r["backbone"].rjust(w) for r, w in zip(results, columns)))
-    for label, cell in rows:
-        lines.append(label.ljust(width) + "".join(cell(r).rjust(w) for r, w in zip(results, columns)))
+    label_width = max(len(label) for label, _ in summary) + 2
+    for label, cell in summary:
+        lines.append(label.ljust(label_width) + "".join(cell(r).rjust(w) for r, w in zip(results, columns)))
     notes = [f"{r['backbone']}: {r['weights']}" for r in results if r["weights"].startswith("random")]
-    notes.append(f"seeds: one epoch measured (full decode + augmentation, fp32 eager backbone in train mode, "
-                 f"linear head step), times {header['epochs']}; extract once: choosing the path (measuring the "
-                 f"candidates, compiling if tried), the stage's loop (decode + forward), then LogisticRegression "
-                 f"for C in {list(HEAD_C)}.")
-    notes.append("auto and eager are timed batch by batch in turn on the same pre-decoded batches; the CPU may "
-                 "be shared with other processes, so compare ratios rather than absolute rates.")
+    notes.append("model only: each candidate timed in turn on the same pre-decoded batch, best of 3; in brackets the "
+                 "max |difference| from eager fp32 (allowed at float32: within 1e-4 x max(1, |value|)). The choice "
+                 "is the stage's rule (stages.engines.choose.choose) on these rates, one-time costs (engine build, "
+                 "warm-up) charged against the images. End to end: the stage's loop over every image per engine, with its serial "
+                 "bound 1 / (1/model-only + 1/decode-only) from decode-only and model-only passes over the same images "
+                 "right before and after it.")
+    notes.append(f"seeds: one epoch measured (full decode + augmentation, fp32 eager backbone in train mode, linear "
+                 f"head step), times {header['epochs']}; the CPU may be shared with other processes, so compare "
+                 f"ratios rather than absolute rates.")
     return "\n".join(lines + [""] + [f"* {n}" for n in notes])
-
-
-def _compile_cell(result: dict[str, Any]) -> str:
-    trial = result["selection"].get("compile", {})
-    if not trial.get("tried"):
-        return "not tried"
-    if "error" in trial:
-        return "failed"
-    share = result["compiled_fraction_of_ceiling"]
-    return (f"{trial['images_per_second']:.1f}/s vs {trial['eager_images_per_second']:.1f}"
-            + (f", {100 * share:.0f}% of ceiling" if share else "") + (", kept" if trial["kept"] else ", not kept"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -328,8 +368,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images to time (default: all of hymenoptera, 398; 96 generated without it)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the seeds' loop to compare with")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="as extract.compile; `on` measures torch.compile even where auto would skip it")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="float32",
+                        help="as extract.precision (default float32, the stage's default)")
+    parser.add_argument("--graphs", type=Path, default=Path("features/.graphs"),
+                        help="the ONNX graph cache (the stage's default)")
     parser.add_argument("--dataset", type=Path, default=None, help="an image folder (default: hymenoptera)")
     parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")
     return parser.parse_args(argv)
@@ -341,15 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     if (args.images is not None and args.images < 2) or args.batch_size < 1:
         print("bench_extract: error: --images must be >= 2 and --batch-size >= 1", file=sys.stderr)
         return 2
-    capability = ex.read_cpu_capability()
+    capability = read_cpu_capability()
     torch.set_num_threads(capability["cores"])
-    workers = ex.auto_num_workers(ex.resolve_device("auto"), capability["cores"])
+    cores = capability["cores"]
+    workers = 0 if cores <= 2 else max(1, cores // 4)  # stages.extract.auto_num_workers on the CPU
     files, labels, description = find_images(args.images, dataset=args.dataset)
     results = []
     for name in args.backbones:
         logger.info("benchmarking %s on %d images", name, len(files))
         results.append(bench_backbone(name, files, labels, batch_size=args.batch_size, epochs=args.epochs,
-                                      compile_mode=args.compile, capability=capability, num_workers=workers))
+                                      capability=capability, num_workers=workers, graphs=args.graphs,
+                                      precision=args.precision))
     header = {"images": description, "batch_size": args.batch_size, "cores": capability["cores"],
               "workers": workers, "epochs": args.epochs}
     print(format_table(results, capability=capability, header=header))

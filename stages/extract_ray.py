@@ -1,19 +1,19 @@
-"""Ray engine of the extract stage (`extract.engine: ray`): the local engine's job, computed on a Ray cluster.
+"""Ray runner of the extract stage (`extract.engine: ray`): the same batches, computed on a Ray cluster.
 
 `extract.engine: ray` in params.yaml makes the same dvc.yaml stage (`python -m stages.extract ...`) hand the
-computation to Ray. Everything around the computation is the local engine's code (stages/extract.py): the
-inputs (`read_inputs`), the content-addressed row reuse from the previous output and an interrupted run's work
-file (`read_reusable`), the crash-safe work file, the writer and its provenance (`write_output`). Only rows not
-already present go to Ray, and for the same compute path and torch thread count the file is byte-identical to the
-local engine's (CPU actors run one thread; measured on efficientnet_lite0: 2 threads instead of 1 changed the
-last bits, up to 6e-6, of a 14-image batch and of no full batch).
+computation to Ray. stages/extract.py still does everything around it, as for the local runner: the inputs, the
+content-addressed row reuse (stages.features), the crash-safe work log, the writer and the report; `RayRunner`
+only turns the images still to compute into batches of features, in manifest order. For the same engine layout
+and torch thread count the file is byte-identical to the local runner's (CPU actors run one thread; measured on
+efficientnet_lite0: 2 threads instead of 1 changed the last bits, up to 6e-6, of a 14-image batch and of no
+full batch).
 
 The Ray Data pipeline (streaming; rows come back in manifest order):
   rows to compute, cut into the local engine's batches  -> a Dataset with one row per batch (`batch_items`)
   -> `map_batches(decode_batch)` in Ray tasks: stages.extract.EvalImages, i.e. the same sha256 check, decoder
      and eval preprocessing as the local engine -> images float32 [B, 3, H, W]
   -> `map_batches(FeatureActor)` on an actor pool: each actor builds the verified model once (the weight file's
-     bytes are put in the object store once; each actor checks their sha256) and runs `forward_features` + `to_storage`
+     bytes are put in the object store once; each actor checks their sha256) and runs the torch engine + `to_storage`
   -> the driver appends each batch to the work file (fsynced) in order, then writes the HDF5 file.
 Why one Dataset row per batch, not per image: which images share a batch changes the last bits of the
 features (measured on CPU with timm's test_efficientnet: max abs difference 1e-8 between batches of 16 and of
@@ -28,7 +28,7 @@ message. An interrupted driver leaves the work file, from which the next run (ei
 Cluster: `extract.ray_address`, else $RAY_ADDRESS, else a local Ray instance on this machine's cores. Every
 node must see data/raw at the same path (a shared filesystem); the weights need not be there.
 Compute path: no measurement (the actors may be on other machines): channels_last, eager (no torch.compile);
-the precision by the local engine's rule (stages.extract.choose_precision: extract.precision, or with `auto` the
+the precision by the local runner's rule (stages.engines.choose.choose_precision: extract.precision, or with `auto` the
 hardware of a worker: the GPUs' AMP dtype, on CPU bf16 only where native, else float32), never by a timing.
 Augmented training views (extract.augment_views) go through the same pipeline after the main rows: a decode task
 makes its batch's views (stages.extract.AugmentedImages, the same seeds) and the actors run them as images.
@@ -41,7 +41,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +50,13 @@ import numpy as np
 import torch
 
 from stages.backbones import Backbone, Preprocess, WeightsError, build_feature_model
-from stages.extract import (FORMAT_VERSION, AugmentedImages, ComputePath, EvalImages, ExtractError, RowSource,
-                            StageInputs, augmented_key, choose_precision, fix_cuda_algorithms, forward_features,
-                            provenance_key, read_inputs, read_reusable, row_counts, set_memory_format, to_storage,
-                            write_output)
+from stages.engines import Candidate, run_views
+from stages.engines.choose import choose_precision
+from stages.engines.torch import TorchEngine, fix_cuda_algorithms
+from stages.features import FORMAT_VERSION, to_storage
 from stages.hardware import available_cores, read_cpu_capability
-from stages.images import ImageDecodeError, ManifestRow
-from stages.io import progress, sha256_bytes, sha256_file
+from stages.images import AugmentedImages, EvalImages, ImageChangedError, ImageDecodeError, ManifestRow
+from stages.io import sha256_bytes
 from stages.params import ExtractParams, ParamError
 
 logger = logging.getLogger(__name__)
@@ -69,12 +69,12 @@ ROW_FIELDS = tuple(f.name for f in dataclasses.fields(ManifestRow))  # a manifes
 
 
 def import_ray() -> Any:
-    """The `ray` module (with ray.data), or ExtractError saying how to install the optional extra."""
+    """The `ray` module (with ray.data), or ParamError saying how to install the optional extra."""
     try:
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise ExtractError(f"extract.engine is 'ray' but Ray is not importable ({exc}); install the optional "
+        raise ParamError(f"extract.engine is 'ray' but Ray is not importable ({exc}); install the optional "
                           f"extra with `pip install -e '.[ray]'`, or set `engine: local` in params.yaml.") from None
     return ray
 
@@ -182,7 +182,7 @@ class FeatureActor:
     """
 
     def __init__(self, *, backbone: Backbone, weights: Any, weights_sha256: str, layers: Sequence[str],
-                 path: dict[str, Any], views: Sequence[str], tta_mode: str, storage_dtype: str, threads: int,
+                 candidate: dict[str, Any], views: Sequence[str], tta_mode: str, storage_dtype: str, threads: int,
                  crash_flag: str | None = None) -> None:
         import ray
 
@@ -192,13 +192,14 @@ class FeatureActor:
             raise WeightsError(f"{backbone.name}: the weights reached the actor with sha256 {actual}, "
                                f"expected {weights_sha256}")
         torch.set_num_threads(threads)
-        self.path = ComputePath(**path)
-        if self.path.device == "cuda":
+        self.candidate = Candidate(**candidate)
+        if self.candidate.device == "cuda":
             fix_cuda_algorithms()
         with tempfile.TemporaryDirectory() as tmp:
             weights_file = Path(tmp) / f"{backbone.name}.pth"
             weights_file.write_bytes(weights)
-            self.model = set_memory_format(build_feature_model(backbone, weights_file, tuple(layers)), self.path)
+            self.engine = TorchEngine(build_feature_model(backbone, weights_file, tuple(layers)), self.candidate)
+            self.engine.place()
         self.layers, self.views = tuple(layers), tuple(views)
         self.tta_mode, self.storage_dtype = tta_mode, storage_dtype
         self.crash_flag = crash_flag
@@ -212,10 +213,10 @@ class FeatureActor:
         with torch.inference_mode():
             if images.ndim == 5:  # augmented views: one forward pass each, kept apart
                 b, a = images.shape[:2]
-                out = forward_features(self.model, images.flatten(0, 1), path=self.path, views=("none",))
+                out = run_views(self.engine, images.flatten(0, 1), views=("none",))
                 features, tta_mode = {layer: v.reshape(b, a, -1) for layer, v in out.items()}, "rows"
             else:
-                features = forward_features(self.model, images, path=self.path, views=self.views)
+                features = run_views(self.engine, images, views=self.views)
                 tta_mode = self.tta_mode
         arrays = to_storage(features, self.layers, tta_mode=tta_mode, storage_dtype=self.storage_dtype)
         return {"batch": np.asarray(batch["batch"]), **{f"layer_{i}": a[None] for i, a in enumerate(arrays)}}
@@ -226,7 +227,7 @@ def _stage_error(ray: Any, exc: BaseException | None) -> BaseException | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        ours = isinstance(exc, (ExtractError, ImageDecodeError, WeightsError))
+        ours = isinstance(exc, (ImageChangedError, ImageDecodeError, WeightsError))
         if ours and not isinstance(exc, ray.exceptions.RayError):  # not Ray's copy of it with the remote traceback
             return exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # RayTaskError.cause: the remote one
@@ -248,7 +249,7 @@ def compute_batches(ray: Any, items: list[dict[str, Any]], *, raw: Path, preproc
              context.raise_original_map_exception)
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the driver shows one tqdm bar over images
-    context.raise_original_map_exception = True  # our ExtractError, not Ray's UserCodeException around it
+    context.raise_original_map_exception = True  # our own errors, not Ray's UserCodeException around them
     try:
         dataset = (
             ray.data.from_items(items, override_num_blocks=len(items))
@@ -264,151 +265,88 @@ def compute_batches(ray: Any, items: list[dict[str, Any]], *, raw: Path, preproc
     except Exception as exc:  # noqa: BLE001 - Ray wraps the stage's errors in its own types
         cause = _stage_error(ray, exc)
         if cause is not None:
-            raise ExtractError(str(cause)) from None
+            raise type(cause)(str(cause)) from None
         raise
     finally:
         (context.execution_options.preserve_order, context.enable_progress_bars,
          context.raise_original_map_exception) = saved
 
 
-def extract_ray(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out: Path, params: ExtractParams,
-                normalization: str = "backbone", previous_report: Path | None = None,
-                on_batch: Callable[[int], None] | None = None,
-                crash_flag: Path | None = None) -> dict[str, Any]:
-    """The extract stage on Ray: write `out` (as stages.extract.extract does) and return the extract.json report.
+class RayRunner:
+    """The extract stage's rows computed on Ray (stages.extract drives it like the local runner): joins the
+    cluster for the run (`with`), fixes the precision by a worker's hardware, then streams batches in order."""
+    name = "ray"
 
-    `previous_report`: the previous extract.json, whose features_sha256 the previous output must match to be
-    reused (as in the local engine). `on_batch(k)`: called after the k-th computed batch is durably in the
-    work file; `crash_flag`: see FeatureActor (both for tests).
-    """
-    stage_start = time.perf_counter()
-    ray = import_ray()
-    inputs = read_inputs(backbone=backbone, weights=weights, manifest=manifest, params=params,
-                         normalization=normalization)
-    views = inputs.augment["views"]
-    with ray_cluster(params.ray_address, num_cpus=available_cores()) as cluster:
-        plan = plan_actors(cluster["resources"], params.device)
-        precision, precision_reason = actor_precision(ray, plan, params.precision)
-        key = provenance_key(backbone=backbone.name, weights_sha256=inputs.weights_sha256,
-                             preprocess=inputs.preprocess, layers=inputs.layers, precision=precision, params=params)
-        rows = read_reusable(out, key, inputs.shas, report=previous_report,
-                             augmented_key=augmented_key(key, inputs.augment) if views else None,
-                             augmented_shas={r.sha256 for r in inputs.train_unique})
-        path = ComputePath(plan.device, precision, True)
+    def __init__(self, *, backbone: Backbone, weights: Path, raw: Path, params: ExtractParams,
+                 crash_flag: Path | None = None) -> None:
+        self.ray = import_ray()
+        self.backbone, self.weights, self.raw, self.params, self.crash_flag = backbone, weights, raw, params, crash_flag
+        self.timing: dict[str, Any] = {}
+
+    def __enter__(self) -> RayRunner:
+        self._cluster = ray_cluster(self.params.ray_address, num_cpus=available_cores())
+        self.cluster = self._cluster.__enter__()
+        self.plan = plan_actors(self.cluster["resources"], self.params.device)
+        self.timing["ray_start_seconds"] = self.cluster["start_seconds"]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cluster.__exit__(*exc)
+
+    def precision(self) -> tuple[str, str]:
+        return actor_precision(self.ray, self.plan, self.params.precision)
+
+    def start(self, *, inputs: Any, rows: Any, precision: str, n_todo: float) -> None:
+        """The actors' engine: torch eager channels_last at `precision`, or the interrupted run's layout."""
+        self.inputs = inputs
+        self.candidate = Candidate("torch", self.plan.device, precision, "channels_last")
         header = rows.main.header or (rows.augmented.header if rows.augmented is not None else None)
-        resumed = header is not None and header["path"]["device"] == plan.device
-        if resumed:  # finish with the interrupted run's path
-            path = dataclasses.replace(ComputePath(**header["path"]), compile=False)
-        todo = [r for r in inputs.unique if r.sha256 not in rows.main.pool]
-        todo_augmented = [r for r in inputs.train_unique if r.sha256 not in rows.augmented.pool] if views else []
-        logger.info("%s on Ray (%s, %s): %d images, %d reused (%d from %s, %d from the work file), %d to compute%s "
-                    "with %s (%s) on %d actor(s)", backbone.name, cluster["address"], cluster["resources"],
-                    len(inputs.rows), len(rows.main.pool), rows.main.reused_from["features"], out.name,
-                    rows.main.reused_from["work_file"], len(todo),
-                    f" and {len(todo_augmented)} x {views} augmented views" if views else "", path.name,
-                    precision_reason, plan.actors)
-        timing = {"ray_start_seconds": cluster["start_seconds"]}
-        job = {"inputs": inputs, "weights": weights, "backbone": backbone, "raw": raw, "params": params, "path": path,
-               "plan": plan, "crash_flag": crash_flag}
-        batches_done = 0
-        if todo:
-            timing.update(_compute(ray, todo, source=rows.main, resume=resumed and rows.main.header is not None,
-                                   on_batch=on_batch, **job))
-            batches_done = timing["batches"]
-        if todo_augmented:
-            augmented = _compute(ray, todo_augmented, source=rows.augmented, augment_views=views,
-                                 resume=resumed and rows.augmented.header is not None,
-                                 on_batch=(lambda k: on_batch(batches_done + k)) if on_batch else None, **job)
-            timing["augmented"] = augmented
-    write_output(out, inputs=inputs, manifest=manifest, rows=rows, precision_reason=precision_reason)
+        resumed = Candidate(**header["candidate"]) if header and "candidate" in header else None
+        self.resumed = (resumed is not None and resumed.engine == "torch" and resumed.device == self.plan.device
+                        and resumed.precision == precision)
+        if self.resumed:  # finish with the interrupted run's layout (eager: the actors never compile)
+            self.candidate = dataclasses.replace(resumed, compile=False)
+        self.weights_ref = self.ray.put(Path(self.weights).read_bytes())  # the weight file's bytes, once
 
-    seconds = timing.get("pipeline_seconds", 0.0)
-    counts = row_counts(inputs, rows, computed=len(todo), computed_augmented=len(todo_augmented))
-    if "augmented" in counts:
-        augmented_seconds = timing.get("augmented", {}).get("pipeline_seconds", 0.0)
-        counts["augmented"].update({"seconds": augmented_seconds, "views_per_second": round(
-            len(todo_augmented) * views / augmented_seconds, 2) if augmented_seconds else None})
-    report = {
-        "backbone": backbone.name,
-        "images": len(todo),
-        "seconds": round(seconds, 4),
-        "images_per_second": round(len(todo) / seconds, 2) if seconds else None,
-        "throughput_source": ("ray: decode tasks + actor forward passes, from the pipeline's start (actor "
-                              "start-up and model build included) to the last batch written" if todo
-                              else "none: every row was reused"),
-        **counts,
-        "stage_seconds": round(time.perf_counter() - stage_start, 3),
-        "engine": "ray",
-        "device": plan.device,
-        "precision": path.precision,
-        "precision_reason": precision_reason,
-        "storage_dtype": params.storage_dtype,
-        "batch_size": params.batch_size,
-        "compile": False,
-        "channels_last": path.channels_last,
-        "path": path.name,
-        "torch_threads": plan.threads,
-        "layers": list(inputs.layers),
-        "layer_aliases": inputs.layer_aliases,
-        "feature_dims": {layer: int(next(iter(rows.main.pool.rows.values()))[layer].shape[-1])
-                         for layer in inputs.layers},
-        "preprocess": inputs.preprocess.as_dict(),
-        "tta": list(params.tta),
-        "tta_mode": params.tta_mode,
-        "augment_views": views,
-        "warnings": inputs.warnings,
-        "ray": {"address": cluster["address"], "resources": cluster["resources"],
-                "actors": dataclasses.asdict(plan), "fault_tolerance": FAULT_TOLERANCE, **timing},
-        "weights_sha256": inputs.weights_sha256,
-        "features_sha256": sha256_file(out),
-    }
-    logger.info("%s: wrote %s (%d rows) with Ray: computed %d, reused %d, dropped %d%s", backbone.name, out,
-                report["rows"], report["computed"], report["reused"], report["dropped"],
-                f"; {report['images_per_second']} images/s" if report["images_per_second"] else "")
-    return report
+    def header(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "candidate": self.candidate.as_dict(),
+                "batch_size": self.params.batch_size, "threads": self.plan.threads, "runner": "ray"}
 
-
-def _compute(ray: Any, todo: list[ManifestRow], *, source: RowSource, resume: bool, inputs: StageInputs,
-             weights: Path, backbone: Backbone, raw: Path, params: ExtractParams, path: ComputePath,
-             plan: ActorPlan, on_batch: Callable[[int], None] | None, crash_flag: Path | None,
-             augment_views: int = 0) -> dict[str, float]:
-    """Compute `todo` on Ray into `source.pool`, each batch appended to its work file first; return timings (s).
-    `augment_views` A: the images' augmented views instead, in batches of batch_size // A images (as local)."""
-    pool, work = source.pool, source.work
-    items = batch_items(todo, max(1, params.batch_size // augment_views) if augment_views else params.batch_size)
-    actor_kwargs = {"backbone": backbone, "weights": ray.put(Path(weights).read_bytes()),
-                    "weights_sha256": inputs.weights_sha256, "layers": list(inputs.layers), "path": path.as_dict(),
-                    "views": list(params.tta), "tta_mode": params.tta_mode, "storage_dtype": params.storage_dtype,
-                    "threads": plan.threads, "crash_flag": str(crash_flag) if crash_flag else None}
-    work.open({"format_version": FORMAT_VERSION, "key": pool.key, "path": path.as_dict(),
-               "batch_size": params.batch_size, "threads": plan.threads, "engine": "ray"}, resume=resume)
-    start = time.perf_counter()
-    first = None
-    try:
-        desc = f"{'augment' if augment_views else 'extract'} {backbone.name} (ray)"
-        with progress(total=len(todo), unit="img", desc=desc) as bar:
-            batches = compute_batches(ray, items, raw=raw, preprocess=inputs.preprocess,
-                                      actor_kwargs=actor_kwargs, plan=plan, augment_views=augment_views)
-            for expected, (k, arrays) in enumerate(batches):
-                if k != expected:
-                    raise ExtractError(f"Ray returned batch {k} where batch {expected} was due; rows would be "
-                                       f"out of manifest order")
-                sha256s = items[k]["sha256"]
-                if any(a.shape[0] != len(sha256s) for a in arrays):
-                    raise ExtractError(f"Ray returned {[a.shape for a in arrays]} for batch {k} of "
-                                       f"{len(sha256s)} images")
-                work.append(sha256s, arrays)
-                pool.add(sha256s, dict(zip(inputs.layers, arrays)))
-                bar.update(len(sha256s))
-                if first is None:
-                    first = time.perf_counter() - start
-                if on_batch is not None:
-                    on_batch(k + 1)
-            expected = len(inputs.train_unique) if augment_views else len(inputs.unique)
-            if len(pool) != expected:
-                raise ExtractError(f"Ray returned {len(pool)} of {expected} rows")
-    finally:
-        work.close()  # what was appended stays for the next run to resume from
-    seconds = time.perf_counter() - start
-    return {"pipeline_seconds": round(seconds, 4), "first_batch_seconds": round(first or 0.0, 4),
+    def batches(self, todo: list[ManifestRow], *, augment_views: int = 0
+                ) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+        """As LocalRunner.batches: the same batches (sha256s, per layer arrays), in order, computed by the actors."""
+        params = self.params
+        items = batch_items(todo, max(1, params.batch_size // augment_views) if augment_views else params.batch_size)
+        actor_kwargs = {"backbone": self.backbone, "weights": self.weights_ref,
+                        "weights_sha256": self.inputs.weights_sha256, "layers": list(self.inputs.layers),
+                        "candidate": self.candidate.as_dict(), "views": list(params.tta), "tta_mode": params.tta_mode,
+                        "storage_dtype": params.storage_dtype, "threads": self.plan.threads,
+                        "crash_flag": str(self.crash_flag) if self.crash_flag else None}
+        start, first = time.perf_counter(), None
+        batches = compute_batches(self.ray, items, raw=self.raw, preprocess=self.inputs.preprocess,
+                                  actor_kwargs=actor_kwargs, plan=self.plan, augment_views=augment_views)
+        for expected, (k, arrays) in enumerate(batches):
+            sha256s = items[k]["sha256"]
+            if k != expected or any(a.shape[0] != len(sha256s) for a in arrays):
+                raise RuntimeError(f"Ray returned batch {k} ({[a.shape for a in arrays]}) where batch {expected} of "
+                                   f"{len(sha256s)} images was due; rows would be out of manifest order")
+            first = first if first is not None else time.perf_counter() - start
+            yield sha256s, arrays
+        if expected + 1 != len(items):
+            raise RuntimeError(f"Ray returned {expected + 1} of {len(items)} batches")
+        self.timing["augmented" if augment_views else "main"] = {
+            "pipeline_seconds": round(time.perf_counter() - start, 4), "first_batch_seconds": round(first or 0.0, 4),
             "batches": len(items)}
+
+    def finish(self) -> None:
+        return None
+
+    def report(self) -> dict[str, Any]:
+        return {"runner": "ray", "engine": "torch", "device": self.plan.device, "path": self.candidate.name,
+                "layout": self.candidate.layout, "channels_last": True, "compile": False,
+                "torch_threads": self.plan.threads,
+                **({"throughput_source": "ray: decode tasks + actor forward passes, from the pipeline's start "
+                                         "(actor start-up and model build included) to the last batch written"}
+                   if "main" in self.timing else {}),
+                "ray": {"address": self.cluster["address"], "resources": self.cluster["resources"],
+                        "actors": dataclasses.asdict(self.plan), "fault_tolerance": FAULT_TOLERANCE, **self.timing}}

@@ -6,24 +6,39 @@ alpha images converted to 8-bit RGB; decompression bombs refused.
 from __future__ import annotations
 
 import csv
+import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import torchvision
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stages.backbones import Preprocess
+from stages.io import read_json, sha256_file
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 MAX_PIXELS = 90_000_000  # refuse larger images (PIL's own guard is a warning up to 2x its limit)
+AUGMENT_SCALE = (0.35, 1.0)  # RandomResizedCrop area fraction of the augmented training views
 MANIFEST_FIELDS = ("path", "class", "label", "split", "sha256", "width", "height")
 _SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 or 270 degrees
 
 
 class ImageDecodeError(ValueError):
     """A file could not be decoded as an image; the message says why."""
+
+
+class ImageChangedError(ValueError):
+    """A file's bytes no longer have the sha256 the manifest recorded (or it cannot be read): re-run prepare."""
+
+
+class StatsError(ValueError):
+    """data/prepared/stats.json is missing or malformed while prepare.normalization is 'dataset'."""
 
 
 def load_rgb(source: str | Path | BinaryIO, *,
@@ -163,3 +178,117 @@ def eval_dataset(root: str | Path, paths: list[str], labels: list[int], preproce
     equal the head's): JPEG draft-decoded at the resize size, then `eval_transform`. Items are
     (float32 [3, input_size, input_size], label, index)."""
     return ImageDataset(root, paths, labels, eval_transform(preprocess), draft_size=preprocess.resize)
+
+
+def dataset_preprocess(preprocess: Preprocess, normalization: str, stats_path: Path) -> Preprocess:
+    """The backbone's preprocessing, with the dataset mean/std from stats.json when
+    `prepare.normalization` is 'dataset'."""
+    if normalization != "dataset":
+        return preprocess
+    try:
+        stats = read_json(stats_path)
+        mean, std = tuple(float(v) for v in stats["mean"]), tuple(float(v) for v in stats["std"])
+    except FileNotFoundError:
+        raise StatsError(f"prepare.normalization is 'dataset' but {stats_path} does not exist; "
+                           f"run `dvc repro prepare` first.") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StatsError(f"{stats_path}: expected {{\"mean\": [r, g, b], \"std\": [r, g, b]}}; "
+                           f"could not read it ({exc}). Re-run `dvc repro prepare`.") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise StatsError(f"{stats_path}: expected 3 means and 3 positive stds; got mean={mean}, std={std}")
+    return replace(preprocess, mean=mean, std=std)
+
+
+# ------------------------------------------------------------------------------------ checked datasets
+class EvalImages(torch.utils.data.Dataset):
+    """The manifest's images through the project's one eval preprocessing (stages.images.eval_dataset),
+    each file's bytes checked against the manifest sha256 first. Items: (image [3, H, W], index)."""
+
+    def __init__(self, raw: Path, rows: Sequence[ManifestRow], preprocess: Preprocess) -> None:
+        self.raw, self.rows = Path(raw), list(rows)
+        self.images = eval_dataset(raw, [r.path for r in self.rows], [r.label for r in self.rows], preprocess)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def check(self, index: int) -> None:
+        """Raise ImageChangedError unless the file's bytes still have the manifest's sha256."""
+        row = self.rows[index]
+        path = self.raw / row.path
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise ImageChangedError(f"{path}: cannot read it ({exc}); re-run `dvc repro prepare`.") from None
+        if actual != row.sha256:
+            raise ImageChangedError(f"{path} changed since prepare: manifest sha256 {row.sha256}, file {actual}; "
+                               f"re-run `dvc repro prepare`.")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.check(index)
+        path = self.raw / self.rows[index].path
+        try:
+            image, _, _ = self.images[index]
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{path}: {exc}") from None
+        return image, index
+
+
+def view_seed(sha256: str, view: int) -> int:
+    """The RNG seed of augmented view `view` of the image with content `sha256`: the same on every run."""
+    return int.from_bytes(hashlib.sha256(f"{sha256}:{view}".encode()).digest()[:8], "little")
+
+
+def augment_transform(preprocess: Preprocess) -> T.Compose:
+    """One augmented training view: PIL RGB -> float32 [3, input_size, input_size] (see augment_spec)."""
+    return T.Compose([
+        T.ToImage(),
+        T.RandomResizedCrop(preprocess.input_size, scale=AUGMENT_SCALE, ratio=(3 / 4, 4 / 3),
+                            interpolation=T.InterpolationMode(preprocess.interpolation), antialias=True),
+        T.RandomHorizontalFlip(0.5),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(list(preprocess.mean), list(preprocess.std)),
+    ])
+
+
+class AugmentedImages(EvalImages):
+    """`views` augmented views of each image, each drawn with its own seed (view_seed), so a view is the same
+    whichever run, batch or worker computes it. Items: (views [A, 3, H, W], index)."""
+
+    def __init__(self, raw: Path, rows: Sequence[ManifestRow], preprocess: Preprocess, *, views: int) -> None:
+        super().__init__(raw, rows, preprocess)
+        self.views, self.transform = views, augment_transform(preprocess)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[index]
+        self.check(index)
+        try:
+            image, _ = load_rgb(self.raw / row.path)  # full resolution: a crop may cover a third of the image
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{self.raw / row.path}: {exc}") from None
+        views = []
+        for view in range(self.views):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(row.sha256, view))
+                views.append(self.transform(image))
+        return torch.stack(views), index
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int,
+                device: str) -> torch.utils.data.DataLoader:
+    """In-order batches; workers decode and preprocess while the model computes."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device == "cuda", prefetch_factor=4 if num_workers else None,
+        persistent_workers=False)
+
+
+def augment_spec(views: int) -> dict[str, Any]:
+    """What the augmented training views are (attr `augment` of the features file, and part of their rows'
+    provenance): `views` per train image, RandomResizedCrop scale/ratio, flip probability, the seed rule."""
+    if views == 0:
+        return {"views": 0}
+    return {"views": views, "scale": list(AUGMENT_SCALE), "ratio": [3 / 4, 4 / 3], "hflip": 0.5,
+            "seed": "torch.manual_seed(int.from_bytes(sha256(f'{image sha256}:{view}').digest()[:8], 'little'))",
+            "transforms": f"torchvision {torchvision.__version__} transforms.v2: RandomResizedCrop(input_size, "
+                          f"scale, ratio, preprocess.interpolation, antialias=True), RandomHorizontalFlip(0.5), "
+                          f"scale to [0, 1], Normalize(mean, std)"}

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,16 @@ class DownloadError(RuntimeError):
 
 class HashMismatch(DownloadError):
     """A file's sha256 differs from the expected one."""
+
+
+def remove_stale_temporaries(dest: str | Path) -> list[Path]:
+    """Remove the temporary files a killed `atomic_path` write of `dest` left beside it (`.<name>.*.tmp`); a
+    kill -9 runs no cleanup, and in a persistent folder (fine-tune checkpoints) they would stay. Returns them."""
+    dest = Path(dest)
+    stale = sorted(dest.parent.glob(f".{dest.name}.*.tmp")) if dest.parent.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 @contextlib.contextmanager
@@ -248,3 +260,20 @@ def mirror_dirs(params_mirror: str | None) -> list[Path]:
     dirs = [params_mirror] if params_mirror else []
     dirs += [d for d in os.environ.get("PIPELINE_MIRROR", "").split(os.pathsep) if d]
     return [Path(d).expanduser() for d in dirs]
+
+
+@contextlib.contextmanager
+def quiet_onnx_export() -> Iterator[None]:
+    """torch.onnx.export's per-pass notes (INFO logs of onnx_ir/onnxscript, progress lines on stdout, warnings)
+    silenced for the block; the log levels are restored after it."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [each.level for each in loggers]
+    try:
+        for each in loggers:
+            each.setLevel(logging.WARNING)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)

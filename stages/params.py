@@ -119,8 +119,9 @@ class PrepareParams:
 @dataclass(frozen=True)
 class ExtractParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: by hardware capability alone, never by a timing (CUDA: its AMP dtype; CPU: bf16 only where native)
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # float32 (default): the same features, within 1e-4, on every machine. auto: by hardware capability alone, never
+    # by a timing (CUDA: its AMP dtype; CPU: bf16 only where native).
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     compile: Literal["auto", "on", "off"] = "auto"
     storage_dtype: Literal["float16", "float32"] = "float32"
     batch_size: int = 32
@@ -135,6 +136,9 @@ class ExtractParams:
     # Where the backbone runs: this process (local) or a Ray cluster (ray; stages/extract_ray.py). Same bytes.
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = None  # ray: a cluster to join; null: $RAY_ADDRESS, else a local instance
+    # Compute engines the local run measures and chooses among at the precision (stages/engines/choose.py); eager
+    # torch is always measured as the baseline.
+    engines: tuple[Literal["torch", "onnxruntime", "openvino"], ...] = ("torch", "onnxruntime", "openvino")
     checks = {"batch_size": _positive, "augment_views": _non_negative}
 
     def __post_init__(self) -> None:
@@ -142,6 +146,8 @@ class ExtractParams:
         _check(all(s is None or 16 <= s <= 4096 for s in sizes), "extract.input_size",
                "null, an integer from 16 to 4096, or a mapping {backbone name: integer}", self.input_size,
                "input_size: {efficientnet_lite0: 260}")
+        _check(len(self.engines) > 0, "extract.engines", "a non-empty list of torch, onnxruntime, openvino",
+               list(self.engines), "engines: [torch, onnxruntime, openvino]")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,13 @@ import torch
 from PIL import Image
 
 from stages import extract as ex
+from stages import features as ft
 from stages import hardware
+from stages.engines import Candidate, choose
+from stages.engines.torch import TorchEngine, resolve_device
 from stages.backbones import (IMAGENET_MEAN, IMAGENET_STD, REGISTRY, Backbone, Preprocess, WeightsSource,
                               build_feature_model, build_model, get_backbone)
-from stages.images import MANIFEST_FIELDS, eval_dataset
+from stages.images import MANIFEST_FIELDS, ImageChangedError, StatsError, eval_dataset
 from stages.io import write_json
 from stages.params import ExtractParams, ParamError, parse_params
 
@@ -113,14 +116,14 @@ def run(project: dict, out: Path | None = None, *, pin: bool = True, on_batch=No
     normalization = params.pop("normalization", "backbone")
     settings = {"batch_size": 4, "num_workers": 0, "precision": "float32", "compile": "off", **params}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    with mock.patch.object(ex, "candidate_paths", pinned_paths if pin else ex.candidate_paths):
+    with mock.patch.object(ex, "candidate_list", pinned_candidates if pin else ex.candidate_list):
         return ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
                           manifest=project["manifest"], out=out or project["out"], on_batch=on_batch, report=report,
                           params=ExtractParams(**settings), normalization=normalization)
 
 
-def pinned_paths(device: str, precision: str) -> list[ex.ComputePath]:
-    return [ex.ComputePath(device, precision, False)]
+def pinned_candidates(device: str, precision: str, engines=(), **_) -> list[Candidate]:
+    return [Candidate("torch", device, precision, "contiguous")]
 
 
 def plain_features(project: dict, layers=("pool",), preprocess=None) -> dict[str, np.ndarray]:
@@ -150,7 +153,7 @@ def test_features_equal_plain_eager_fp32_for_every_layer_in_one_pass(project: di
     data, _ = read_h5(project["out"])
     reference = plain_features(project, layers)
     assert report["computed"] == 12 and report["precision"] == "float32"
-    assert set(report["selection"]["measurements"]) == {"cpu+float32+contiguous", "cpu+float32+channels_last"}
+    assert set(report["selection"]["measurements"]) == {"torch+cpu+float32+contiguous", "torch+cpu+float32+channels_last"}
     for layer in layers:
         assert data[f"features/{layer}"].dtype == np.float32
         np.testing.assert_allclose(data[f"features/{layer}"], reference[layer], rtol=0, atol=1e-5)
@@ -170,7 +173,7 @@ def test_bfloat16_within_stated_tolerance_and_reported(project: dict) -> None:
     assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
     assert not np.array_equal(got, reference)  # it really ran in bf16
     check = report["selection"]["precision_check"]["pool"]
-    assert check["rows"] == ex.PROBE_IMAGES and check["min_cosine"] > 0.999 and 0 < check["max_abs_diff"] < 0.05 * check["max_abs_value"]
+    assert check["rows"] == choose.PROBE_IMAGES and check["min_cosine"] > 0.999 and 0 < check["max_abs_diff"] < 0.05 * check["max_abs_value"]
 
 
 def test_batchnorm_statistics_unchanged_and_model_in_eval_mode(project: dict, monkeypatch) -> None:
@@ -204,7 +207,7 @@ def test_dataset_normalization_uses_stats_json(project: dict) -> None:
     custom = dataclasses.replace(project["backbone"].preprocess, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     np.testing.assert_allclose(data["features/pool"], plain_features(project, preprocess=custom)["pool"], atol=1e-5)
     (project["manifest"].parent / "stats.json").unlink()
-    with pytest.raises(ex.ExtractError, match=r"normalization is 'dataset' but .*stats.json does not exist"):
+    with pytest.raises(StatsError, match=r"normalization is 'dataset' but .*stats.json does not exist"):
         run(project, normalization="dataset")
 
 
@@ -268,7 +271,7 @@ def test_resume_after_crash_is_byte_identical(project: dict, tmp_path: Path) -> 
     run(project, out=reference, layers=["pool", "blocks.1"])
     with pytest.raises(Crash):
         run(project, layers=["pool", "blocks.1"], on_batch=crash_after(2))
-    work = ex.work_path_for(project["out"])
+    work = ft.work_path_for(project["out"])
     assert work.exists() and not project["out"].exists()
     with open(work, "ab") as fh:  # a torn record, as a kill in the middle of a write leaves
         fh.write(b"\x10\x00\x00\x00\x00\x00\x00\x00partial")
@@ -296,7 +299,7 @@ t.run(project, num_workers=1, on_batch=lambda k: k == 2 and os.kill(os.getpid(),
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr[-3000:]
-    assert ex.work_path_for(project["out"]).exists() and not project["out"].exists()
+    assert ft.work_path_for(project["out"]).exists() and not project["out"].exists()
     report = run(project, num_workers=1)
     assert (report["computed"], report["reused_from"]["work_file"]) == (4, 8)
     assert project["out"].read_bytes() == reference.read_bytes()
@@ -335,17 +338,17 @@ def test_edited_previous_output_is_not_reused(project: dict, tmp_path: Path, cap
 
 def test_second_extract_on_the_same_output_fails_at_once(project: dict) -> None:
     """Two extracts on one output (DVC's lock gone, its child still running) would both append to the work file."""
-    lock = ex.lock_path_for(project["out"])
+    lock = ft.lock_path_for(project["out"])
     assert lock.name == ".tiny.h5.lock"
     lock.parent.mkdir(parents=True)
     with open(lock, "w") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.write("4242\n")
         holder.flush()
-        with pytest.raises(ex.ExtractError, match=rf"^another extract is writing {project['out']} \(pid 4242\); "
+        with pytest.raises(ft.LockError, match=rf"^another extract is writing {project['out']} \(pid 4242\); "
                                                   r"wait for it or kill it"):
             run(project)
-    assert not project["out"].exists() and not ex.work_path_for(project["out"]).exists()
+    assert not project["out"].exists() and not ft.work_path_for(project["out"]).exists()
     run(project)  # the holder is gone (and its lock file left behind is harmless)
     assert project["out"].exists() and not lock.exists()
     ignored = subprocess.run(["git", "check-ignore", "-q", "features/.tiny.h5.lock"], cwd=REPO)
@@ -408,7 +411,7 @@ def test_duplicate_images_are_computed_once(project: dict) -> None:
 def test_changed_image_bytes_are_refused(project: dict) -> None:
     rel = sorted(project["entries"])[3][0]
     save_image(project["raw"], rel, 99)
-    with pytest.raises(ex.ExtractError, match=rf"{rel} changed since prepare: manifest sha256 [0-9a-f]{{64}}, file"):
+    with pytest.raises(ImageChangedError, match=rf"{rel} changed since prepare: manifest sha256 [0-9a-f]{{64}}, file"):
         run(project)
 
 
@@ -525,12 +528,12 @@ def test_augmented_views_are_deterministic_resumable_and_incremental(project: di
     run(project, out=reference, augment_views=2, batch_size=4, num_workers=1)  # decoded in a worker process
     with pytest.raises(Crash):  # 3 main batches, then 2 of the 4 augmented ones (2 images x 2 views each)
         run(project, augment_views=2, batch_size=4, on_batch=crash_after(5))
-    assert ex.work_path_for(project["out"], augmented=True).exists()
+    assert ft.work_path_for(project["out"], augmented=True).exists()
     report = run(project, augment_views=2, batch_size=4)
     assert report["augmented"]["reused_from"] == {"features": 0, "work_file": 4}
     assert report["augmented"]["computed"] == 4 and report["computed"] == 0
     assert project["out"].read_bytes() == reference.read_bytes()
-    assert not ex.work_path_for(project["out"], augmented=True).exists()
+    assert not ft.work_path_for(project["out"], augmented=True).exists()
     before, before_source, _ = read_augmented(project["out"])
     old = {(sha, k % 2): before["pool"][k]  # (image, view) -> row
            for k, sha in enumerate(read_h5(project["out"])[0]["sha256"][before_source].tolist())}
@@ -560,73 +563,131 @@ NO_BF16 = {"native_bfloat16": False, "native_float16": False, "avx512_bf16": Fal
 
 
 def test_precision_comes_from_params_or_capability_alone() -> None:
-    assert ex.choose_precision("auto", device="cpu", capability=NO_BF16) == ("float32", "no native bf16: float32")
+    cp = choose.choose_precision
+    assert cp("auto", device="cpu", capability=NO_BF16) == ("float32", "no native bf16: float32")
     avx512_bf16 = {**NO_BF16, "native_bfloat16": True, "avx512_bf16": True}
-    assert ex.choose_precision("auto", device="cpu", capability=avx512_bf16) == ("bfloat16", "capability: avx512_bf16")
+    assert cp("auto", device="cpu", capability=avx512_bf16) == ("bfloat16", "capability: avx512_bf16")
     amx = {**NO_BF16, "native_bfloat16": True, "amx_bf16": True}
-    assert ex.choose_precision("auto", device="cpu", capability=amx) == ("bfloat16", "capability: amx_bf16")
+    assert cp("auto", device="cpu", capability=amx) == ("bfloat16", "capability: amx_bf16")
     arm = {**NO_BF16, "native_bfloat16": True}  # aarch64 `bf16` in /proc/cpuinfo
-    assert ex.choose_precision("auto", device="cpu", capability=arm) == ("bfloat16", "capability: bf16")
+    assert cp("auto", device="cpu", capability=arm) == ("bfloat16", "capability: bf16")
     native_fp16 = {**NO_BF16, "native_float16": True}  # fp16 on CPU only when asked for
-    assert ex.choose_precision("auto", device="cpu", capability=native_fp16)[0] == "float32"
-    assert ex.choose_precision("auto", device="cuda", capability={"cuda_bf16": True})[0] == "bfloat16"
-    assert ex.choose_precision("auto", device="cuda", capability={"cuda_bf16": False})[0] == "float16"
-    precision, reason = ex.choose_precision("bfloat16", device="cpu", capability=NO_BF16)
+    assert cp("auto", device="cpu", capability=native_fp16)[0] == "float32"
+    assert cp("auto", device="cuda", capability={"cuda_bf16": True})[0] == "bfloat16"
+    assert cp("auto", device="cuda", capability={"cuda_bf16": False})[0] == "float16"
+    precision, reason = cp("bfloat16", device="cpu", capability=NO_BF16)
     assert precision == "bfloat16" and reason.startswith("params: extract.precision bfloat16") and "slower" in reason
-    assert ex.choose_precision("float32", device="cpu", capability=avx512_bf16) == (
-        "float32", "params: extract.precision float32")
+    assert cp("float32", device="cpu", capability=avx512_bf16) == ("float32", "params: extract.precision float32")
 
 
 def test_candidates_differ_only_in_numerics_neutral_options() -> None:
-    for precision in ("float32", "bfloat16"):
-        paths = ex.candidate_paths("cpu", precision)
-        assert [p.name for p in paths] == [f"cpu+{precision}+contiguous", f"cpu+{precision}+channels_last"]
+    names = [c.name for c in choose.candidate_list("cpu", "float32")]
+    assert names == ["torch+cpu+float32+contiguous", "torch+cpu+float32+channels_last",
+                     "onnxruntime+cpu+float32+graph", "openvino+cpu+float32+graph"]
+    # bf16: no ONNX Runtime (float32 only); OpenVINO only where bf16 is native (it would silently run f32)
+    assert [c.name for c in choose.candidate_list("cpu", "bfloat16")] == [
+        "torch+cpu+bfloat16+contiguous", "torch+cpu+bfloat16+channels_last"]
+    assert choose.candidate_list("cpu", "bfloat16", native_bfloat16=True)[-1].name == "openvino+cpu+bfloat16+graph"
+    assert [c.engine for c in choose.candidate_list("cuda", "float32")] == ["torch", "torch"]
+    only_ort = choose.candidate_list("cpu", "float32", ("onnxruntime",))  # the eager baseline is always there
+    assert [c.name for c in only_ort] == ["torch+cpu+float32+contiguous", "onnxruntime+cpu+float32+graph"]
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_choose_path_on_fake_timings_never_changes_precision_nor_loses_to_the_baseline(seed: int) -> None:
+def test_choose_on_fake_timings_never_changes_precision_nor_loses_to_the_baseline(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    for precision in ("float32", "bfloat16"):
-        candidates = ex.candidate_paths("cpu", precision)
-        rates = {c.name: float(rng.uniform(1, 100)) for c in candidates}
-        rates["cpu+float32+contiguous"] = float(rng.uniform(1, 1000))  # eager fp32: any speed at all
-        chosen = ex.choose_path(candidates, rates)
-        assert chosen.precision == precision
-        assert rates[chosen.name] >= rates[candidates[0].name]  # never slower than the baseline (eager fp32 at fp32)
-        if chosen != candidates[0]:
-            assert rates[chosen.name] > 1.1 * rates[candidates[0].name]
+    candidates = choose.candidate_list("cpu", "float32")
+    rates = {c.name: float(rng.uniform(1, 100)) for c in candidates}
+    costs = {c.name: float(rng.uniform(0, 20)) if c.engine != "torch" else 0.0 for c in candidates}
+    n_todo = float(rng.integers(0, 2000))
+    chosen, decided = choose.choose(candidates, rates, costs=costs, n_todo=n_todo)
+    estimate = decided["estimated_seconds"]
+    assert chosen.precision == "float32"
+    assert estimate[chosen.name] <= estimate[candidates[0].name]  # never estimated slower than eager
+    assert estimate[chosen.name] == min(estimate.values()) or chosen == candidates[0]
+    if chosen != candidates[0]:
+        assert estimate[chosen.name] < 0.95 * estimate[candidates[0].name]
     with pytest.raises(ValueError, match="differ in precision"):
-        ex.choose_path([ex.ComputePath("cpu", "float32", False), ex.ComputePath("cpu", "bfloat16", False)],
-                       {"cpu+float32+contiguous": 1.0, "cpu+bfloat16+contiguous": 100.0})
+        choose.choose([Candidate("torch", "cpu", "float32"), Candidate("torch", "cpu", "bfloat16")],
+                      {"torch+cpu+float32+contiguous": 1.0, "torch+cpu+bfloat16+contiguous": 100.0},
+                      costs={}, n_todo=10)
+
+
+def test_one_time_costs_are_charged_against_the_images_left() -> None:
+    """An engine 3x faster but with a 20 s export loses on 100 images at 10/s (10 s) and wins on 1000 (100 s)."""
+    candidates = choose.candidate_list("cpu", "float32", ("torch", "onnxruntime"))
+    rates = {c.name: 10.0 for c in candidates} | {"onnxruntime+cpu+float32+graph": 30.0}
+    costs = {"onnxruntime+cpu+float32+graph": 20.0}
+    assert choose.choose(candidates, rates, costs=costs, n_todo=100)[0].engine == "torch"
+    chosen, decided = choose.choose(candidates, rates, costs=costs, n_todo=1000)
+    assert chosen.engine == "onnxruntime"
+    assert decided["estimated_seconds"]["onnxruntime+cpu+float32+graph"] == pytest.approx(20 + 1000 / 30, abs=1e-3)
+
+
+def test_noisy_measurement_falls_back_to_the_baseline_unless_the_lead_is_larger_than_the_noise() -> None:
+    candidates = choose.candidate_list("cpu", "float32", ("torch",))
+    rates = {"torch+cpu+float32+contiguous": 10.0, "torch+cpu+float32+channels_last": 12.0}
+    chosen, decided = choose.choose(candidates, rates, costs={}, n_todo=100, noisy=True)
+    assert chosen == candidates[0] and decided["decision"].startswith("fell back to the baseline")
+    assert choose.choose(candidates, rates, costs={}, n_todo=100)[0] == candidates[1]  # quiet: 1.2x wins
+    rates["torch+cpu+float32+channels_last"] = 20.0
+    assert choose.choose(candidates, rates, costs={}, n_todo=100, noisy=True)[0] == candidates[1]
+
+
+def test_a_noisy_round_is_repeated(monkeypatch) -> None:
+    """Two runs of one engine differing by more than NOISE trigger another timed round (up to MAX_ROUNDS)."""
+    calls = []
+
+    def engine(images):
+        calls.append(images.shape[0])
+        time.sleep(0.001 if len(calls) % 2 else 0.05)  # every other run is slow: a busy machine
+        return {"pool": np.zeros((images.shape[0], 2), dtype=np.float32)}
+
+    stats, _, rounds = choose.measure({"e": engine}, [torch.zeros(8, 3, 4, 4)], views=("none",))
+    assert rounds == {"rounds": choose.MAX_ROUNDS, "noisy": True}
+    assert len(stats["e"]["runs"]) == choose.MAX_ROUNDS
+
+    def steady(images):
+        time.sleep(0.01)
+        return {"pool": np.zeros((images.shape[0], 2), dtype=np.float32)}
+
+    assert choose.measure({"e": steady}, [torch.zeros(8, 3, 4, 4)], views=("none",))[2] == {"rounds": 2,
+                                                                                             "noisy": False}
 
 
 def fake_measure(fast: str):
-    """measure_paths with fake timings: the path named `fast` at 1000 images/s, every other at 10."""
-    def measure(model, batches, candidates, *, views):
-        outputs = {c.name: ex.forward_features(model, batches[0][:2], path=c, views=views) for c in candidates}
-        stats = {c.name: {"images_per_second": 1000.0 if c.name == fast else 10.0,
-                          "runs": [{"images": 2, "seconds": 0.002 if c.name == fast else 0.2}]} for c in candidates}
-        return stats, outputs
+    """choose.measure with fake timings: the engine named `fast` at 1000 images/s, every other at 10."""
+    def measure(engines, batches, *, views):
+        outputs = {name: run_views_of(engine, batches[0][:2], views) for name, engine in engines.items()}
+        stats = {name: {"images_per_second": 1000.0 if name == fast else 10.0, "warm_up_seconds": 0.0,
+                        "runs": [{"images": 2, "seconds": 0.002 if name == fast else 0.2}]} for name in engines}
+        return stats, outputs, {"rounds": 2, "noisy": False}
     return measure
+
+
+def run_views_of(engine, images, views):
+    from stages.engines import run_views
+
+    return run_views(engine, images, views=views)
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_stored_precision_never_depends_on_timings(project: dict, monkeypatch, native_bf16: bool) -> None:
     """Whatever the stopwatch says (fp32 or bf16 far faster), the stored dtype follows the capability."""
-    capability = {**ex.read_cpu_capability(), "native_bfloat16": native_bf16, "avx512_bf16": native_bf16}
+    capability = {**hardware.read_cpu_capability(), "native_bfloat16": native_bf16, "avx512_bf16": native_bf16}
     monkeypatch.setattr(ex, "read_capability", lambda device: capability)
     expected = "bfloat16" if native_bf16 else "float32"
     features = []
-    for fast in ("cpu+float32+contiguous", f"cpu+{expected}+channels_last", "cpu+bfloat16+contiguous"):
-        monkeypatch.setattr(ex, "measure_paths", fake_measure(fast))
+    for fast in ("torch+cpu+float32+contiguous", f"torch+cpu+{expected}+channels_last", "torch+cpu+bfloat16+contiguous"):
+        monkeypatch.setattr(choose, "measure", fake_measure(fast))
         out = project["root"] / f"{fast}.h5"
-        report = run(project, out=out, pin=False, precision="auto", layers=["pool"])
+        report = run(project, out=out, pin=False, precision="auto", layers=["pool"], engines=["torch"])
         _, attrs = read_h5(out)
         assert report["precision"] == attrs["precision"] == expected
         assert attrs["precision_reason"] == report["precision_reason"] == (
             "capability: avx512_bf16" if native_bf16 else "no native bf16: float32")
-        assert set(report["selection"]["measurements"]) >= {"cpu+float32+contiguous"}  # eager fp32 always measured
-        if expected == "float32" or fast != "cpu+float32+contiguous":
+        assert set(report["selection"]["measurements"]) >= {"torch+cpu+float32+contiguous"}  # eager fp32 measured
+        if expected == "float32" or fast != "torch+cpu+float32+contiguous":
             assert "slower_than_eager_float32" not in report["selection"]
         else:
             assert "set extract.precision: float32" in report["selection"]["slower_than_eager_float32"]
@@ -638,7 +699,7 @@ def test_auto_precision_does_not_follow_reusable_rows(project: dict) -> None:
     """Rows stored in bf16 (forced) are not kept by `auto` on a CPU without native bf16: it stores float32."""
     run(project, precision="bfloat16", layers=["pool"])
     report = run(project, precision="auto", layers=["pool"])
-    if ex.read_cpu_capability()["native_bfloat16"]:
+    if hardware.read_cpu_capability()["native_bfloat16"]:
         pytest.skip("this CPU has native bf16: auto is bfloat16 here")
     assert (report["precision"], report["computed"], report["reused"]) == ("float32", 12, 0)
 
@@ -651,23 +712,23 @@ def test_compile_pays_only_when_its_cost_is_charged_against_the_images_left(proj
         time.sleep(1.0)
         return module
 
-    monkeypatch.setattr(ex, "compile_model", slow_compile)
-    path, batch = ex.ComputePath("cpu", "float32", False), torch.randn(4, 3, 32, 32)
+    monkeypatch.setattr(choose, "compile_model", slow_compile)
+    engine, batch = TorchEngine(model, Candidate("torch", "cpu", "float32")), torch.randn(4, 3, 32, 32)
     with torch.inference_mode():
-        kept, compiled, trial = ex.try_compile(model, path, [batch], mode="auto", eager_rate=0.01, n_todo=1,
-                                               views=("none",), batch_size=4)  # eager_rate: past the trial gate
-        assert (kept, compiled, trial["kept"]) == (path, None, False)
+        compiled, trial = choose.try_compile(model, engine, [batch], mode="auto", eager_rate=0.01, n_todo=1,
+                                             views=("none",), batch_size=4)  # eager_rate: past the trial gate
+        assert (compiled, trial["kept"]) == (None, False)
         assert trial["estimated_seconds_left"]["compiled"] > trial["estimated_seconds_left"]["eager"] + 0.5
-        forced, compiled, trial = ex.try_compile(model, path, [batch], mode="on", eager_rate=None, n_todo=12,
-                                                 views=("none",), batch_size=4)
-    assert forced.compile and compiled is model and trial["kept"]
+        forced, trial = choose.try_compile(model, engine, [batch], mode="on", eager_rate=None, n_todo=12,
+                                           views=("none",), batch_size=4)
+    assert forced.candidate.compile and forced.compiled is model and trial["kept"]
 
 
 def test_choose_threads_measures_all_and_half_the_cores(project: dict) -> None:
     model = build_feature_model(project["backbone"], project["weights"])
-    path = ex.ComputePath("cpu", "float32", False)
+    engine = TorchEngine(model, Candidate("torch", "cpu", "float32"))
     with torch.inference_mode():
-        threads, rates = ex.choose_threads(model, torch.randn(4, 3, 32, 32), path, cores=4, views=("none",))
+        threads, rates = choose.choose_threads(engine, torch.randn(4, 3, 32, 32), cores=4, views=("none",))
     assert set(rates) == {"4", "2"} and all(r > 0 for r in rates.values())
     assert threads in (4, 2) and torch.get_num_threads() == threads
     if threads == 2:  # half the cores only when clearly faster
@@ -675,7 +736,7 @@ def test_choose_threads_measures_all_and_half_the_cores(project: dict) -> None:
 
 
 def test_read_cpu_capability_matches_torch() -> None:
-    capability = ex.read_cpu_capability()
+    capability = hardware.read_cpu_capability()
     assert capability["torch_capability"] == torch.backends.cpu.get_cpu_capability()
     assert capability["cores"] >= 1
     if capability["torch_capability"] == "AVX512":
@@ -686,7 +747,7 @@ def test_cuda_requested_without_cuda_fails_clearly() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ParamError, match="extract.device is 'cuda' but torch sees no CUDA device"):
-        ex.resolve_device("cuda")
+        resolve_device("cuda")
 
 
 # ------------------------------------------------------------------------------------ main
@@ -716,7 +777,7 @@ def test_main_writes_report_and_features(project: dict, monkeypatch) -> None:
 def test_compiled_path_pads_the_last_batch_and_matches_eager(project: dict) -> None:
     report = run(project, compile="on", batch_size=5)  # batches of 5, 5, 2 (padded to 5)
     assert report["compile"] is True and report["selection"]["compile"]["kept"] is True
-    assert report["path"] == "cpu+float32+contiguous+compile"
+    assert report["path"] == "torch+cpu+float32+contiguous+compile"
     data, _ = read_h5(project["out"])
     np.testing.assert_allclose(data["features/pool"], plain_features(project)["pool"], rtol=1e-4, atol=1e-4)
     assert report["selection"]["precision_check"]["pool"]["min_cosine"] > 0.9999
@@ -760,14 +821,21 @@ def test_bench_extract_prints_one_table(tmp_path: Path, monkeypatch, capsys) -> 
     monkeypatch.setitem(REGISTRY, "tiny", tiny_backbone(weights))  # no package weights: random init
     for i in range(12):
         save_image(tmp_path / "ds", f"{'ants' if i % 2 else 'bees'}/img{i}.jpg", i)
-    argv = ["--backbones", "tiny", "--images", "12", "--batch-size", "4", "--epochs", "3", "--compile", "off",
-            "--dataset", str(tmp_path / "ds"), "--json", str(tmp_path / "bench.json")]
+    argv = ["--backbones", "tiny", "--images", "12", "--batch-size", "4", "--epochs", "3",
+            "--graphs", str(tmp_path / "graphs"), "--dataset", str(tmp_path / "ds"), "--json", str(tmp_path / "bench.json")]
     assert bench_extract.main(argv) == 0
     table = capsys.readouterr().out
-    for row in ("eager fp32 images/s", "auto / eager fp32", "matmul ceiling GFLOP/s", "seeds / extract once"):
+    for row in ("torch+cpu+float32+contiguous", "onnxruntime+cpu+float32+graph", "openvino+cpu+float32+graph",
+                "auto / fastest allowed", "exact-fp32 auto / eager fp32", "end to end / serial bound",
+                "native bf16:", "seeds / extract once", "CHOSEN"):
         assert row in table
     assert "tiny: random init" in table
     result = json.loads((tmp_path / "bench.json").read_text())["results"][0]
     assert result["auto_images_per_second"] > 0 and result["eager_fp32_images_per_second"] > 0
-    assert result["gflop_per_image"] > 0 and 0 < result["fraction_of_ceiling"]
+    assert sum(c["chosen"] for c in result["candidates"]) == 1
+    chosen = next(c for c in result["candidates"] if c["chosen"])
+    assert chosen["allowed"] and chosen["candidate"] == result["auto"]
+    bf16 = next(c for c in result["candidates"] if c["candidate"] == "torch+cpu+bfloat16+channels_last")
+    assert not bf16["allowed"]  # float32 is the stage's default precision: bf16 is measured, never chosen
+    assert all(e["fraction_of_bound"] > 0 for e in result["end_to_end"].values())
     assert result["seeds_seconds"] == pytest.approx(3 * result["seeds_epoch_seconds"])

@@ -15,6 +15,8 @@ import yaml
 from stages import extract as ex
 from stages import hardware
 from stages import extract_ray
+from stages.engines import Candidate
+from stages.images import ImageChangedError
 from stages.params import ExtractParams, ParamError
 from test_extract import project, read_h5, save_image, write_manifest  # noqa: F401 - `project` is a fixture
 
@@ -36,16 +38,16 @@ def ray_local():
     ray.shutdown()
 
 
-def channels_last(device: str, precision: str) -> list[ex.ComputePath]:
-    """The local engine pinned to the Ray engine's path (no measurement): channels_last at the chosen precision."""
-    return [ex.ComputePath(device, precision, True)]
+def channels_last(device: str, precision: str, engines=(), **_) -> list[Candidate]:
+    """The local runner pinned to the Ray actors' engine (no measurement): torch channels_last at the precision."""
+    return [Candidate("torch", device, precision, "channels_last")]
 
 
 def run(project: dict, out: Path, *, engine: str, on_batch=None, **params) -> dict:
     """The stage through stages.extract.extract (which dispatches on extract.engine)."""
     settings = {**SETTINGS, **params, "engine": engine}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    with mock.patch.object(ex, "candidate_paths", channels_last), \
+    with mock.patch.object(ex, "candidate_list", channels_last), \
             mock.patch.object(hardware, "available_cores", lambda: 1):
         return ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
                           manifest=project["manifest"], out=out, params=ExtractParams(**settings),
@@ -64,12 +66,12 @@ def test_ray_engine_writes_the_local_engines_bytes(project: dict, ray_local, tmp
     local = run(project, tmp_path / "local.h5", engine="local", **options)
     report = run(project, tmp_path / "ray.h5", engine="ray", **options)
     assert sha(tmp_path / "ray.h5") == sha(tmp_path / "local.h5") == report["features_sha256"]
-    assert (report["engine"], local["engine"], report["path"], local["path"]) == (
-        "ray", "local", "cpu+float32+channels_last", "cpu+float32+channels_last")
+    assert (report["runner"], local["runner"], report["path"], local["path"]) == (
+        "ray", "local", "torch+cpu+float32+channels_last", "torch+cpu+float32+channels_last")
     assert (report["computed"], report["rows"], report["reused"]) == (12, 24, 0)
     assert report["ray"]["actors"] == {"device": "cpu", "actors": 1, "num_gpus": 0.0, "num_cpus": 1.0,
                                        "threads": 1, "decode_cpus": 1.0}
-    assert report["ray"]["batches"] == 3 and report["ray"]["resources"] == {"CPU": 2.0}
+    assert report["ray"]["main"]["batches"] == 3 and report["ray"]["resources"] == {"CPU": 2.0}
     data, attrs = read_h5(tmp_path / "ray.h5")
     assert data["features/blocks.1"].shape == (24, 24) and attrs["precision"] == "float32"
     assert not (tmp_path / ".ray.h5.work").exists()
@@ -83,9 +85,10 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_no_row(project: dict, ray_
     flag.touch()
     params = ExtractParams(**SETTINGS, engine="ray")
     with mock.patch.object(hardware, "available_cores", lambda: 1):
-        report = extract_ray.extract_ray(backbone=project["backbone"], weights=project["weights"],
-                                         raw=project["raw"], manifest=project["manifest"],
-                                         out=tmp_path / "ray.h5", params=params, crash_flag=flag)
+        runner = extract_ray.RayRunner(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
+                                       params=params, crash_flag=flag)
+        report = ex.extract(backbone=project["backbone"], weights=project["weights"], raw=project["raw"],
+                            manifest=project["manifest"], out=tmp_path / "ray.h5", params=params, runner=runner)
     assert not flag.exists() and flag.with_name("crash-once.taken").exists()  # the actor did die (os._exit)
     assert report["computed"] == 12 and report["rows"] == 12
     data, _ = read_h5(tmp_path / "ray.h5")
@@ -164,7 +167,7 @@ def test_ray_precision_follows_the_local_rule_not_a_timing() -> None:
 def test_a_changed_image_fails_with_the_local_engines_message(project: dict, ray_local, tmp_path: Path) -> None:
     rel = project["entries"][3][0]
     save_image(project["raw"], rel, 99)
-    with pytest.raises(ex.ExtractError, match="changed since prepare: manifest sha256"):
+    with pytest.raises(ImageChangedError, match="changed since prepare: manifest sha256"):
         run(project, tmp_path / "ray.h5", engine="ray")
     assert not (tmp_path / "ray.h5").exists()
 
@@ -209,14 +212,15 @@ def test_ray_address_then_env_then_a_local_instance(monkeypatch, address, env, e
 
 def test_without_ray_the_error_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(ex.ExtractError, match=r"Ray is not importable .*pip install -e '\.\[ray\]'"):
+    with pytest.raises(ParamError, match=r"Ray is not importable .*pip install -e '\.\[ray\]'"):
         extract_ray.import_ray()
 
 
 def test_dvc_yaml_extract_tracks_every_key_but_the_engine() -> None:
-    """Switching engine or cluster changes no row, so it must not re-run extract@ (nor what follows)."""
+    """Switching runner, compute engine or cluster changes no row beyond 1e-4 (checked on every run by
+    stages.engines.choose), so it must not re-run extract@ (nor what follows)."""
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["extract"]
     tracked = {p for p in stage["params"] if str(p).startswith("extract.")}
     assert tracked == {f"extract.{f.name}" for f in dataclasses.fields(ExtractParams)} - {
-        "extract.engine", "extract.ray_address"}
+        "extract.engine", "extract.engines", "extract.ray_address"}
     assert "stages/extract_ray.py" in stage["deps"]

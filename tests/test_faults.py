@@ -42,6 +42,8 @@ import yaml
 
 from stages import data as data_stage
 from stages import extract as ex
+from stages.engines import Candidate, choose
+from stages.features import work_path_for
 from stages import hardware
 from stages import head as head_stage
 from stages import predict as predict_stage
@@ -331,14 +333,14 @@ def test_weights_download_killed_mid_file_resumes_with_range(weights_server, tmp
 
 def pinned_reference(repo: Repo, path_name: str, threads: int, out: Path) -> Path:
     """Extract the repo's manifest in this process on one given compute path and thread count, uninterrupted."""
-    device, precision, memory = path_name.split("+")[:3]
-    pinned = ex.ComputePath(device, precision, memory == "channels_last")
+    engine, device, precision, layout = path_name.split("+")[:4]
+    pinned = Candidate(engine, device, precision, layout, path_name.endswith("+compile"))
     params = load_params(repo.path("params.yaml"))
     threads_before = torch.get_num_threads()
     try:
-        with mock.patch.object(ex, "candidate_paths", lambda *a, **k: [pinned]), \
+        with mock.patch.object(ex, "candidate_list", lambda *a, **k: [pinned]), \
                 mock.patch.object(hardware, "available_cores", lambda: threads), \
-                mock.patch.object(ex, "choose_threads", lambda *a, **k: (threads, {str(threads): 1.0})):
+                mock.patch.object(choose, "choose_threads", lambda *a, **k: (threads, {str(threads): 1.0})):
             ex.extract(backbone=get_backbone(LITE0), weights=repo.path(f"models/pretrained/{LITE0}.pth"),
                        raw=repo.path("data/raw"), manifest=repo.path("data/prepared/manifest.csv"), out=out,
                        params=params.extract, normalization=params.prepare.normalization)
@@ -351,7 +353,7 @@ def pinned_reference(repo: Repo, path_name: str, threads: int, out: Path) -> Pat
 def test_extract_killed_three_times_then_repro_is_byte_identical(baseline: Repo, tmp_path: Path) -> None:
     repo = copy_repo(baseline, tmp_path / "repo")
     features = repo.path(FEATURES)
-    work = ex.work_path_for(features)
+    work = work_path_for(features)
     features.unlink()  # persist: true keeps the previous file, whose rows would all be reused: start from none
     rng = random.Random(SEED)
     hits = []

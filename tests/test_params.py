@@ -105,6 +105,8 @@ BAD_VALUES = [
     ("extract.input_size", {"efficientnet_lite0": 5000}, "extract.input_size must be null, an integer from 16"),
     ("extract.engine", "dask", "extract.engine must be one of 'local', 'ray'"),
     ("extract.ray_address", 6379, "extract.ray_address must be a string or null"),
+    ("extract.engines", ["tensorrt"], "extract.engines[0] must be one of 'torch', 'onnxruntime', 'openvino'"),
+    ("extract.engines", [], "extract.engines must be a list of (one of 'torch', 'onnxruntime', 'openvino'); got []"),
     ("head.kind", "mlp", "head.kind[0] must be one of 'logreg', 'linear_svm', 'svm_rbf', 'softmax'"),
     ("head.selection", "kfold", "head.selection must be one of 'cv', 'val'"),
     ("head.folds", 1, "head.folds must be an integer of at least 2"),
