@@ -64,22 +64,24 @@ split (the models are identical, so all take the same best-epoch and early-stopp
 the held-out split and writes: checkpoints, curves, metrics, predictions and the export.
 Resume works as without DDP (each rank's RNG states are in last.pt); N is part of the checkpoint's fingerprint.
 
-Outputs (`--out models/finetune/<bb>`, `--reports reports/finetune/<bb>`): <out>/classifier.pt (same export format
-as the head stage, so `stages.predict` works with either), <out>/checkpoints/{last,best}.pt, <reports>/metrics.json
+Outputs (`--out models/finetune/<bb>`, `--reports reports/finetune/<bb>`): <out>/classifier.pt and
+<out>/classifier.onnx (stages/export.py, as the head stage writes them, so `stages.predict` works with either),
+<out>/checkpoints/{last,best}.pt, <reports>/metrics.json
 (`heldout`: classification_metrics with the 95% interval, `heldout_split`, `selection`, `probe_heldout`,
 `gain_over_start`, cost), <reports>/predictions.json (held-out rows `finetune` and `probe`, stages/evaluation.py),
-<reports>/live/ (dvclive curves).
+<reports>/live/ (dvclive.Live: the per-epoch curves in plots/metrics/ and its summary metrics.json).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import random
-import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -97,13 +99,15 @@ from torch.utils.data.distributed import DistributedSampler
 from stages.backbones import (Backbone, Preprocess, WeightsError, build_model, classifier_path, get_backbone,
                               input_size_for, load_weights, module_version, replace_module, with_input_size)
 from stages.evaluation import Predictions, ProtocolError, heldout_split, predictions_from_proba, write_predictions
-from stages.extract import ExtractError, dataset_preprocess
 from stages.hardware import DTYPES, available_cores, read_cpu_capability
-from stages.images import ImageDataset, ImageDecodeError, ManifestRow, eval_dataset, read_manifest
-from stages.io import atomic_path, progress, read_json, setup_logging, sha256_file, write_json
+from stages.images import (ImageDataset, ImageDecodeError, ManifestRow, StatsError, dataset_preprocess, eval_dataset,
+                           read_manifest)
+from stages.io import (atomic_path, progress, read_json, remove_stale_temporaries, setup_logging, sha256_file,
+                       write_json)
 from stages.metrics import classification_metrics
 from stages.params import FinetuneParams, ParamError, load_params
-from stages.predict import FORMAT_VERSION, PREPROCESS_KEYS
+from stages.export import (PREPROCESS_KEYS, ExportError, build_export, load_export, onnx_path_for, read_sample_images,
+                           save_export, save_onnx)
 
 logger = logging.getLogger(__name__)
 
@@ -503,32 +507,50 @@ def _loss_accuracy(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]
 
 
 class CurveLogger:
-    """Per-epoch curves for DVC plots in dvclive's layout: `<dir>/plots/metrics/{train,selection}/{loss,accuracy}.tsv`
-    and `lr/{backbone,head}.tsv`, columns `step` (= epoch, 1-based) and the value. The held-out split has no
-    curve: it is scored once, for the chosen epoch.
+    """Per-epoch curves for DVC plots, written by `dvclive.Live` into `<dir>`:
+    `plots/metrics/{train,selection}/{loss,accuracy}.tsv` and `plots/metrics/lr/{backbone,head}.tsv`, columns `step`
+    (= epoch, 1-based) and the value, one row per epoch; and Live's summary `metrics.json` (the last logged epoch's
+    values and its step: not a stage metric, the chosen epoch's are in the stage's own metrics.json). Both are
+    declared outputs in dvc.yaml. The held-out split has no curve: it is scored once, for the chosen epoch.
 
-    Written with dvclive's own metric writer (dvclive.plots.Metric, what dvclive.Live uses) rather than Live
-    itself: Live also wires itself into Git/DVC/Studio -- it runs `dvc init` in a Git repo without DVC and
-    fails in a Git repo without commits (treeverse/dvclive#522) -- none of which the stage needs. Curves left
-    from an earlier run are removed first; a resumed run replays the checkpoint's history.
+    Live starts afresh (resume=False: it removes the curves and summary of an earlier run) and a resumed fine-tune
+    replays the checkpoint's history before its new epochs, so the rows are exactly the checkpoint's epochs, with
+    no duplicate, whatever an interrupted run left behind (`dvc repro` deletes the curves before the stage runs;
+    they are not `persist`). No dvc.yaml, report, params file or experiment of its own (save_dvc_exp=False: the
+    pipeline's `dvc exp run` is the experiment). A context manager: leaving it calls Live.end(). Rank 0 only.
+
+    In a Git repository without commits (`git init; dvc init; dvc repro`) Live fails while reading the Git HEAD,
+    even with save_dvc_exp=False (dvclive 3.49, treeverse/dvclive#522); there is no experiment to join then, so
+    Live is created from a folder outside any repository and writes the same files.
     """
 
     def __init__(self, directory: Path) -> None:
-        from dvclive.plots import Metric
+        from dvclive import Live
+        from scmrepo.exceptions import SCMError
 
-        self._metric = Metric
-        self._folder = directory / "plots"
-        shutil.rmtree(self._folder / Metric.subfolder, ignore_errors=True)
-        self._writers: dict[str, Any] = {}
+        options: dict[str, Any] = {"resume": False, "report": None, "save_dvc_exp": False, "dvcyaml": None}
+        try:
+            self._live = Live(dir=str(directory), **options)
+        except SCMError as error:
+            logger.info("dvclive cannot use this Git repository (%s); logging the curves without it", error)
+            directory = directory.absolute()
+            with tempfile.TemporaryDirectory() as outside, contextlib.chdir(outside):
+                self._live = Live(dir=str(directory), **options)
 
     def __call__(self, record: EpochRecord) -> None:
         values = {"train/loss": record.train_loss, "train/accuracy": record.train_accuracy,
                   "selection/loss": record.selection_loss, "selection/accuracy": record.selection_accuracy,
                   "lr/backbone": record.lr_backbone, "lr/head": record.lr_head}
+        self._live.step = record.epoch
         for name, value in values.items():
-            writer = self._writers.setdefault(name, self._metric(name, str(self._folder)))
-            writer.step = record.epoch
-            writer.dump(value)
+            self._live.log_metric(name, value)
+        self._live.next_step()
+
+    def __enter__(self) -> CurveLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._live.end()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -574,6 +596,9 @@ def run_finetune(net: FinetuneNet, train_loader: torch.utils.data.DataLoader,
     criterion = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
 
     checkpoint = None
+    if ddp.is_main:
+        for stale in [*remove_stale_temporaries(last_path), *remove_stale_temporaries(best_path)]:
+            logger.warning("removed %s, left by an interrupted checkpoint write", stale)
     if last_path.exists():
         checkpoint = load_checkpoint(last_path)
         if not params.resume:
@@ -676,7 +701,7 @@ class Probe:
 
 
 def probe_logits(head: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of logits from an exported linear head (stages/predict.py format).
+    """(weight, bias) of logits from an exported linear head (stages/export.py format).
 
     softmax output: the scores are the logits. platt output (linear_svm): p_k = sigmoid(-(a_k s_k + b_k)), so
     the logit is -(a_k s_k + b_k) -- exact for two classes, the usual approximation for one-vs-rest.
@@ -695,10 +720,9 @@ def read_probe(path: Path, *, backbone: str, classes: Sequence[str], preprocess:
         raise FinetuneError(f"{path} not found: finetune.init_head probe starts from the head stage's linear probe; "
                             f"run `dvc repro head@{backbone}` first or set `init_head: random` in params.yaml")
     try:
-        export = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError (a pickled object: refused), RuntimeError, zip errors
-        raise FinetuneError(f"refused to load {path}: not a plain tensor export "
-                            f"(loaded with weights_only=True): {exc}") from None
+        export = load_export(path)  # weights_only=True: a pickled object is refused
+    except ExportError as exc:
+        raise FinetuneError(str(exc)) from None
     head, info = export.get("head") or {}, export.get("backbone") or {}
     layers = list(export.get("layers") or [export.get("layer")])  # format 2: "layers"; format 1: one "layer"
     found = {"backbone": info.get("name"), "classes": list(export.get("classes") or []), "layers": layers}
@@ -725,23 +749,21 @@ def read_probe(path: Path, *, backbone: str, classes: Sequence[str], preprocess:
 
 def export_classifier(net: FinetuneNet, backbone: Backbone, *, preprocess: Preprocess, classes: Sequence[str],
                       provenance: dict[str, Any]) -> dict[str, Any]:
-    """The classifier.pt format of stages/predict.py: the fine-tuned backbone's state (classifier removed) + a
+    """The classifier.pt dict (stages/export.py): the fine-tuned backbone's state (classifier removed) + a
     float64 linear softmax head; run in float32 without TTA, as the final evaluation ran."""
     head_spec: dict[str, Any] = {"kind": "finetune", "type": "linear", "output": "softmax",
                                  "weight": net.head.weight.detach().cpu().double(),
                                  "bias": net.head.bias.detach().cpu().double()}
     if net.l2_normalize:
         head_spec["l2_blocks"] = [net.head.in_features]
-    layers: dict[str, Any] = {"layers": ["pool"]} if FORMAT_VERSION >= 2 else {"layer": "pool"}
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": {"name": backbone.name, "arch": backbone.arch,
-                     "classifier": classifier_path(backbone, build_model(backbone)),
-                     "build_kwargs": dict(backbone.build_kwargs), "preprocess": preprocess.as_dict(),
-                     "tta": ["none"], "precision": "float32"},
-        "backbone_state": {k: v.detach().cpu().clone() for k, v in net.body.state_dict().items()},
-        **layers, "classes": list(classes), "head": head_spec,
-        "provenance": {**provenance, "versions": {"torch": str(torch.__version__), "timm": module_version("timm")}}}
+    return build_export(
+        backbone_name=backbone.name,
+        backbone_spec={"arch": backbone.arch, "classifier": classifier_path(backbone, build_model(backbone)),
+                       "build_kwargs": dict(backbone.build_kwargs), "preprocess": preprocess.as_dict(),
+                       "tta": ["none"], "precision": "float32"},
+        backbone_state={k: v.detach().cpu().clone() for k, v in net.body.state_dict().items()},
+        layers=["pool"], classes=classes, head_spec=head_spec,
+        provenance={**provenance, "versions": {"torch": str(torch.__version__), "timm": module_version("timm")}})
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -907,10 +929,12 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
     start_proba = None
     if ddp.is_main:
         start_proba, heldout_labels = predict_proba(net.to(device), eval_loaders["heldout"], device=device)
-    result = run_finetune(net, train_loader, eval_loaders["selection"], params=p,
-                          checkpoint_dir=args.out / "checkpoints", fingerprint=fingerprint, loader_generator=generator,
-                          device=device, precision=lambda: resolve_precision(p.precision, device), ddp=ddp,
-                          log_epoch=CurveLogger(args.reports / "live") if ddp.is_main else lambda record: None)
+    curves = CurveLogger(args.reports / "live") if ddp.is_main else contextlib.nullcontext(lambda record: None)
+    with curves as log_epoch:  # rank 0 alone writes the curves
+        result = run_finetune(net, train_loader, eval_loaders["selection"], params=p,
+                              checkpoint_dir=args.out / "checkpoints", fingerprint=fingerprint,
+                              loader_generator=generator, device=device,
+                              precision=lambda: resolve_precision(p.precision, device), ddp=ddp, log_epoch=log_epoch)
     if not ddp.is_main:
         return None
 
@@ -946,8 +970,9 @@ def finetune_stage(args: argparse.Namespace) -> dict[str, Any] | None:
     export = export_classifier(net, backbone, preprocess=preprocess, classes=classes,
                                provenance={**provenance, "regime": p.regime, "best_epoch": result.best_epoch,
                                            "selection": metrics["selection"]})
-    with atomic_path(args.out / "classifier.pt") as tmp, open(tmp, "wb") as fh:
-        torch.save(export, fh)  # a file object: the same export gives the same bytes (see stages/head.py)
+    save_export(args.out / "classifier.pt", export)
+    save_onnx(onnx_path_for(args.out / "classifier.pt"), export,  # checked on held-out images, as the head's
+              images=read_sample_images(args.raw, plan.heldout.paths, preprocess))
     rows = {"finetune": predictions_from_proba(proba),
             "probe" if probe is not None else "start": predictions_from_proba(start_proba)}
     write_predictions(args.reports / "predictions.json", Predictions(
@@ -961,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         metrics = finetune_stage(args)
-    except (ParamError, FinetuneError, ExtractError, WeightsError, ImageDecodeError, KeyError, OSError) as exc:
+    except (ParamError, FinetuneError, StatsError, WeightsError, ImageDecodeError, KeyError, OSError) as exc:
         logger.error("%s", exc)
         return 1
     finally:

@@ -1,7 +1,7 @@
 """Head stage: heads on the cached features, chosen by an honest protocol, metrics with intervals, an export.
 
     python -m stages.head --backbone NAME --features features/NAME.h5 --manifest data/prepared/manifest.csv \
-        --weights models/pretrained/NAME.pth --model models/NAME/classifier.pt --reports reports/NAME
+        --weights models/pretrained/NAME.pth --raw data/raw --model models/NAME/classifier.pt --reports reports/NAME
     python -m stages.head --bench        # 10,000 x 2048 features, 5-fold CV over 5 values of C: seconds
 
 1. Provenance: the features file must name this backbone, the sha256 of this weight file and of this
@@ -30,7 +30,9 @@ Outputs (predictions are the argmax of the probabilities everywhere; every accur
     reports/NAME/predictions.json    held-out predictions per row (probe, knn, layers=...): stages/evaluation.py
     reports/NAME/errors.csv          misclassified held-out images: path,true,predicted,prob (prob of the prediction)
     reports/NAME/plots/confusion.json, calibration.json, per_class.json (DVC plots, held-out) and the same as PNG
-    models/NAME/classifier.pt        backbone + preprocessing + head (format: stages/predict.py)
+    models/NAME/classifier.pt        backbone + preprocessing + head (format: stages/export.py)
+    models/NAME/classifier.onnx      the same classifier for ONNX Runtime, checked against it on held-out images
+                                     from --raw (decoded as predict decodes them)
     models/NAME/probe_pool.pt        the best probe on the pooled embedding alone: where finetune@NAME starts
     models/NAME/MODEL_CARD.md        what it was trained on, held-out metrics with intervals, provenance, use, limits
 """
@@ -73,7 +75,8 @@ from stages.evaluation import (Predictions, ProtocolError, draw_few_shot, heldou
                                predictions_from_proba, selection_rows, spread, stratified_folds, write_predictions)
 from stages.metrics import classification_metrics, expected_calibration_error
 from stages.params import HeadParams, ParamError, load_params
-from stages.predict import FORMAT_VERSION, build_head, classifier_from_export
+from stages.export import (build_export, build_head, classifier_from_export, onnx_path_for, preprocess_from,
+                           read_sample_images, save_export, save_onnx)
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +353,7 @@ def _fold_scaler(weight: np.ndarray, bias: np.ndarray,
 
 
 def export_head(probe: Probe) -> dict[str, Any]:
-    """The head as float64 tensors for classifier.pt (see stages/predict.py for the format)."""
+    """The head as float64 tensors for classifier.pt (see stages/export.py for the format)."""
     steps, estimator = probe.model[:-1], probe.model[-1]
     scaler = steps[0] if len(steps) else None
     candidate = probe.candidate
@@ -423,15 +426,6 @@ def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> 
                         f"{'+'.join(model.layers)} of "
                         f"{model.name} gives {produced}; the file is damaged or was not written by the extract "
                         f"stage. Delete it and re-run `dvc repro extract`.")
-
-
-def build_export(*, backbone_name: str, backbone_state: dict[str, torch.Tensor], backbone_spec: dict[str, Any],
-                 layers: Sequence[str], classes: Sequence[str], head_spec: dict[str, Any],
-                 provenance: dict[str, Any]) -> dict[str, Any]:
-    """The classifier.pt dict: plain values and tensors only (torch.load(weights_only=True))."""
-    return {"format_version": FORMAT_VERSION, "backbone": {"name": backbone_name, **backbone_spec},
-            "backbone_state": backbone_state, "layers": list(layers), "classes": list(classes), "head": head_spec,
-            "provenance": provenance}
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -736,7 +730,7 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
             "predictions": predictions}
 
 
-def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, weights_path: Path,
+def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, weights_path: Path, raw_dir: Path,
              model_path: Path, reports_dir: Path, params: HeadParams,
              custom: dict[str, Any] | None = None, audit_path: Path | None = None) -> dict[str, Any]:
     """The whole stage: read and check inputs, run the protocol, write reports, plots and the export.
@@ -782,7 +776,10 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
         check_feature_dim(export, int(chosen_features.shape[1]), features_path)
         return export
 
-    save_export(model_path, export_of(probe))
+    export = export_of(probe)
+    save_export(model_path, export)
+    save_onnx(onnx_path_for(model_path), export, images=read_sample_images(  # checked on held-out images
+        raw_dir, [dataset.paths[i] for i in heldout], preprocess_from(export["backbone"]["preprocess"])))
     # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
     # the best pool-only candidate of the same selection, or the chosen probe when pool alone was not offered.
     save_export(model_path.parent / "probe_pool.pt", export_of(result["probes"].get(("pool",), probe)))
@@ -870,16 +867,9 @@ classes were evaluated on {heldout['n']} images: small classes have wide per-cla
 
 ```bash
 python -m stages.predict path/to/image_or_folder --model {model_path} --topk 3
+python -m stages.predict path/to/image_or_folder --model {model_path} --engine onnxruntime  # the .onnx beside it
 ```
 """
-
-
-def save_export(path: Path, export: dict[str, Any]) -> None:
-    """Write a classifier.pt dict atomically and check that it loads with weights_only=True."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # a file object: the zip records are named archive/..., not after the random
-            torch.save(export, fh)  # temporary file, so the same export gives the same bytes (and DVC hash)
-        torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: plain tensors and values only
 
 
 def escape_md(text: str) -> str:
@@ -917,6 +907,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--features", type=Path)
     parser.add_argument("--manifest", type=Path)
     parser.add_argument("--weights", type=Path)
+    parser.add_argument("--raw", type=Path, help="data/raw: held-out images to check classifier.onnx on")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--reports", type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -927,7 +918,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="time 5-fold CV over 5 values of C (logreg) on 10,000 x 2048 features and exit")
     args = parser.parse_args(argv)
     if not args.bench:
-        missing = [f"--{name}" for name in ("backbone", "features", "manifest", "weights", "model", "reports")
+        missing = [f"--{name}" for name in ("backbone", "features", "manifest", "weights", "raw", "model", "reports")
                    if getattr(args, name) is None]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
@@ -947,8 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         metrics = run_head(backbone_name=args.backbone, features_path=args.features, manifest_path=args.manifest,
-                           weights_path=args.weights, model_path=args.model, reports_dir=args.reports,
-                           params=params.head, custom=params.weights.custom, audit_path=args.audit)
+                           weights_path=args.weights, raw_dir=args.raw, model_path=args.model,
+                           reports_dir=args.reports, params=params.head, custom=params.weights.custom, audit_path=args.audit)
     except (ParamError, FeaturesError, WeightsError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 1

@@ -18,14 +18,15 @@ from PIL import Image
 
 from stages.backbones import Backbone, get_backbone
 from stages.evaluation import read_predictions
-from stages.finetune import (EpochRecord, FinetuneError, FinetuneNet, apply_regime, build_finetune_net,
+from stages.finetune import (CurveLogger, EpochRecord, FinetuneError, FinetuneNet, apply_regime, build_finetune_net,
                              build_optimizer, init_head_from_probe, load_checkpoint, main, make_loader, param_groups,
                              plan_splits, predict_proba, read_probe, resolve_precision, run_finetune, seed_everything,
                              warmup_cosine)
 from stages.images import MANIFEST_FIELDS, ImageDataset, ManifestRow, eval_transform, read_manifest, train_transform
 from stages.io import sha256_file
 from stages.params import CustomBackbone, FinetuneParams
-from stages.predict import load_classifier, predict_images
+from stages.export import load_classifier, load_onnx
+from stages.predict import predict_images
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["ants", "bees"]
@@ -267,6 +268,59 @@ def test_resume_after_interruption_equals_uninterrupted_run(project, backbone, t
     assert result.best_epoch == result2.best_epoch
 
 
+CURVES = {"train/loss": "train_loss", "train/accuracy": "train_accuracy", "selection/loss": "selection_loss",
+          "selection/accuracy": "selection_accuracy", "lr/backbone": "lr_backbone", "lr/head": "lr_head"}
+
+
+def read_curves(live: Path) -> dict[str, list[tuple[int, float]]]:
+    """{name: [(step, value), ...]} from the TSVs the finetune stage's `plots:` entry points at (live/plots/metrics)."""
+    curves = {}
+    for path in sorted((live / "plots/metrics").rglob("*.tsv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh, delimiter="\t"))
+        assert rows[0] == ["step", path.stem], path  # dvc plots: x = step, y = the metric's own column
+        curves[path.relative_to(live / "plots/metrics").with_suffix("").as_posix()] = [
+            (int(step), float(value)) for step, value in rows[1:]]
+    return curves
+
+
+def assert_curves_match(live: Path, records: list[EpochRecord]) -> None:
+    """One row per epoch record, step = epoch, the record's values; nothing else in live/ but Live's summary."""
+    curves = read_curves(live)
+    assert set(curves) == set(CURVES)
+    for name, field in CURVES.items():
+        assert curves[name] == [(r.epoch, getattr(r, field)) for r in records], name
+    assert {p.relative_to(live).as_posix() for p in live.rglob("*") if p.is_file()} == {
+        "metrics.json", *(f"plots/metrics/{name}.tsv" for name in CURVES)}  # no dvc.yaml, params.yaml, report
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["step"] == records[-1].epoch
+    assert summary["selection"]["accuracy"] == records[-1].selection_accuracy
+
+
+def test_curves_continue_after_an_interrupted_run_without_duplicate_steps(project, backbone, tmp_path):
+    live = tmp_path / "live"
+
+    class Interrupted(Exception):
+        pass
+
+    def log_then_crash_after_epoch_2(record: EpochRecord) -> None:
+        curves(record)
+        if record.epoch == 2:  # last.pt and the curves hold epochs 1 and 2
+            raise Interrupted
+
+    with pytest.raises(Interrupted), CurveLogger(live) as curves:
+        train(make_net(backbone, project), project, backbone, tmp_path / "checkpoints",
+              log=log_then_crash_after_epoch_2)
+    assert {name: [step for step, _ in rows] for name, rows in read_curves(live).items()} == {
+        name: [1, 2] for name in CURVES}
+
+    with CurveLogger(live) as curves:
+        result, records, _ = train(make_net(backbone, project), project, backbone, tmp_path / "checkpoints",
+                                   log=curves)
+    assert result.resumed_from == 2 and [r.epoch for r in records] == [1, 2, 3]  # 1, 2 replayed, then 3
+    assert_curves_match(live, records)
+
+
 def test_a_checkpoint_of_other_settings_or_resume_false_starts_afresh(project, backbone, tmp_path):
     train(make_net(backbone, project), project, backbone, tmp_path, epochs=1)
     again, records, _ = train(make_net(backbone, project), project, backbone, tmp_path, epochs=1)
@@ -404,6 +458,8 @@ def test_main_writes_head_style_metrics_an_export_predict_reads_and_dvclive_curv
     assert metrics["selection"]["epoch"] == metrics["best_epoch"]
     assert metrics["heldout"]["accuracy"] >= 0.75
     assert not (tmp_path / "reports/live/plots/metrics/val").exists()  # the held-out split has no curve
+    history = [EpochRecord(**r) for r in load_checkpoint(tmp_path / "models/checkpoints/last.pt")["history"]]
+    assert_curves_match(tmp_path / "reports/live", history)
     assert {p.name for p in (tmp_path / "models/checkpoints").iterdir()} == {"best.pt", "last.pt"}
     assert metrics["precision"] == "float32" and metrics["precision_choice"]["rule"] == "capability"
 
@@ -424,6 +480,8 @@ def test_main_writes_head_style_metrics_an_export_predict_reads_and_dvclive_curv
     assert float((probs.argmax(1) == labels).mean()) == metrics["heldout"]["accuracy"]
     assert -np.log(probs[np.arange(len(labels)), labels]).mean() == pytest.approx(metrics["heldout"]["log_loss"],
                                                                                   abs=1e-5)
+    onnx_results = predict_images(load_onnx(tmp_path / "models/classifier.pt"), val, topk=2)  # classifier.onnx
+    assert [r["class"] for r in onnx_results] == [r["class"] for r in results]
 
 
 def probe_export(project: Path, head: dict) -> dict:
@@ -511,6 +569,8 @@ def test_checkpoint_resumes_when_only_the_list_of_finetuned_backbones_changes(pr
     assert run_main(project, tmp_path, more) == 0  # tiny's training is unchanged: nothing left to train
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert (metrics["resumed_from_epoch"], metrics["epochs_run"], metrics["backbone"]) == (1, 1, "tiny")
+    assert {name: [step for step, _ in rows] for name, rows in read_curves(tmp_path / "reports/live").items()} == {
+        name: [1] for name in CURVES}  # the replayed epoch, once
 
 
 # --- the protocol: what chooses, what is held out ----------------------------------------------------------
@@ -604,10 +664,14 @@ def test_dvc_yaml_generates_one_finetune_stage_per_listed_backbone_tracking_ever
         "efficientnet_lite0", "models/finetune/efficientnet_lite0", "reports/finetune/efficientnet_lite0",
         "models/efficientnet_lite0/probe_pool.pt")
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["do"]["outs"]]
-    assert outs == ["models/finetune/${item}/classifier.pt", "models/finetune/${item}/checkpoints",
-                    "reports/finetune/${item}/predictions.json"]
+    assert outs == ["models/finetune/${item}/classifier.pt", "models/finetune/${item}/classifier.onnx",
+                    "models/finetune/${item}/checkpoints",
+                    "reports/finetune/${item}/predictions.json", "reports/finetune/${item}/live/metrics.json"]
+    # the folder CurveLogger's dvclive.Live writes its curves to (<reports>/live/plots/metrics), plotted by step
+    assert stage["do"]["plots"] == [{"reports/finetune/${item}/live/plots/metrics": {
+        "x": "step", "x_label": "epoch", "cache": False}}]
     assert [next(iter(m)) for m in stage["do"]["metrics"]] == ["reports/finetune/${item}/metrics.json"]
     deps = set(stage["do"]["deps"])
     assert {str(a) for a in (args.raw, args.manifest)} | {"models/pretrained/${item}.pth",
                                                            "models/${item}/probe_pool.pt"} <= deps
-    assert {"stages/finetune.py", "stages/evaluation.py", "stages/metrics.py", "stages/predict.py"} <= deps
+    assert {"stages/finetune.py", "stages/evaluation.py", "stages/metrics.py", "stages/export.py"} <= deps

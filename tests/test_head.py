@@ -26,7 +26,7 @@ from stages.backbones import (IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocess,
 from stages.images import MANIFEST_FIELDS, eval_dataset, read_manifest
 from stages.metrics import classification_metrics
 from stages.params import HeadParams
-from stages.predict import build_head, load_classifier
+from stages.export import build_head, load_classifier
 
 KINDS = ("logreg", "linear_svm", "svm_rbf", "softmax")
 TINY_ARCH = "timm:test_efficientnet"
@@ -345,7 +345,7 @@ def run_stage(project: dict) -> int:
     root = project["root"]
     return hd.main(["--backbone", "tiny", "--features", str(project["features"]),
                     "--manifest", str(project["manifest"]), "--weights", str(project["weights"]),
-                    "--model", str(root / "models" / "tiny" / "classifier.pt"),
+                    "--raw", str(project["raw"]), "--model", str(root / "models" / "tiny" / "classifier.pt"),
                     "--reports", str(root / "reports" / "tiny"),
                     "--params", str(root / "params.yaml")])
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from stages import extract as extract_stage
+from stages import export as export_format
 from stages import features, predict
 from stages.images import read_manifest
 from test_head import make_project, run_stage  # tests/ is on sys.path under pytest
@@ -81,8 +82,8 @@ def test_export_is_plain_tensors_and_rebuilds_the_head_kind(project: dict) -> No
     assert export["backbone"]["tta"] == ["none", "hflip"] and export["layers"] == ["blocks.3"]
     assert export["provenance"]["features"]["manifest_sha256"] == json.loads(
         (project["root"] / "reports" / "tiny" / "metrics.json").read_text())["features"]["manifest_sha256"]
-    classifier = predict.classifier_from_export(export)
-    assert isinstance(classifier.head[0], predict.RBFSVMHead) and classifier.tta == ("none", "hflip")
+    classifier = export_format.classifier_from_export(export)
+    assert isinstance(classifier.head[0], export_format.RBFSVMHead) and classifier.tta == ("none", "hflip")
 
 
 def test_text_output_with_topk_for_one_image(project: dict, capsys: pytest.CaptureFixture) -> None:
@@ -112,22 +113,23 @@ def test_an_undecodable_file_is_reported_and_the_rest_predicted(project: dict, t
 def test_other_format_versions_and_pickled_objects_are_refused(project: dict, tmp_path: Path) -> None:
     export = torch.load(project["model"], weights_only=True)
     torch.save({**export, "format_version": 99}, tmp_path / "future.pt")
-    with pytest.raises(predict.ExportError, match=r"future.pt: format_version is 99, this code reads \(1, 2\)"):
-        predict.load_classifier(tmp_path / "future.pt")
+    with pytest.raises(export_format.ExportError,
+                       match=r"future.pt: format_version is 99, this code reads \(1, 2\)"):
+        export_format.load_classifier(tmp_path / "future.pt")
     torch.save({**export, "extra": argparse.Namespace(x=1)}, tmp_path / "pickled.pt")
-    with pytest.raises(predict.ExportError, match=r"refused to load .*pickled.pt: not a plain tensor export"):
-        predict.load_classifier(tmp_path / "pickled.pt")
+    with pytest.raises(export_format.ExportError, match=r"refused to load .*pickled.pt: not a plain tensor export"):
+        export_format.load_classifier(tmp_path / "pickled.pt")
 
 
 def test_without_model_the_only_export_is_used_and_several_are_refused(project: dict, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(predict.ExportError, match=r"no models/\*/classifier.pt found"):
+    with pytest.raises(export_format.ExportError, match=r"no models/\*/classifier.pt found"):
         predict.default_model_path()
     for name in ("a", "b"):
         (tmp_path / "models" / name).mkdir(parents=True)
         os.symlink(project["model"], tmp_path / "models" / name / "classifier.pt")
-    with pytest.raises(predict.ExportError, match="several exported classifiers: models/a/classifier.pt, "
+    with pytest.raises(export_format.ExportError, match="several exported classifiers: models/a/classifier.pt, "
                                                   "models/b/classifier.pt; choose one with --model"):
         predict.default_model_path()
     (tmp_path / "models" / "b" / "classifier.pt").unlink()

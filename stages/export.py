@@ -1,0 +1,468 @@
+"""The exported classifier: `classifier.pt` and `classifier.onnx` -- build, save, load, verify (one owner).
+
+The head stage writes `models/<bb>/classifier.pt` (and `probe_pool.pt`), the fine-tune stage
+`models/finetune/<bb>/classifier.pt`, each with a `classifier.onnx` beside it; `python -m stages.predict` runs
+either. Nothing else reads or writes these files.
+
+classifier.pt is a plain dict of tensors and values, loaded with `torch.load(weights_only=True)` only; nothing
+pickled is ever executed:
+
+    format_version   FORMAT_VERSION
+    backbone         {"name", "arch" ("timm:<name>" | "torchvision:<name>"), "classifier" (dotted path of the
+                      ImageNet classifier, replaced by nn.Identity), "build_kwargs", "preprocess" ({"input_size",
+                      "resize", "interpolation", "mean", "std"}, as the features file recorded it), "tta"
+                      (views whose features are averaged: "none", "hflip"), "precision" (the extract dtype)}
+    backbone_state   {key: tensor}: state dict of the backbone with its classifier replaced by nn.Identity
+    layers           the probed layers ("pool" or module names, global-average-pooled), concatenated in this order
+                     (format_version 1 had one "layer")
+    classes          class names; output column k is classes[k]
+    head             {"kind", "type": "linear" | "rbf_svm", "output": "softmax" | "platt", float64 tensors}
+                     optional "l2_blocks" [D_1, ...]: each layer's block of the features is first scaled to
+                              L2 norm sqrt(D_i) (head.normalization l2, l2+standardize)
+                     linear:  "weight" [K', D], "bias" [K'] (feature standardization folded in)
+                     rbf_svm: "mean" [D], "scale" [D], "support_vectors" [S, D], "dual_coef" [S, P] (one column
+                              per one-vs-one pair (i, j), i < j, in scikit-learn order), "intercept" [P],
+                              "gamma" (float), "n_classes"
+                     platt:   "platt_a" [K'], "platt_b" [K']: p_k = sigmoid(-(a_k s_k + b_k)), normalized over
+                              classes (binary: K' = 1 scores class 1; p_0 = 1 - p_1)
+    provenance       where the export came from (features, weights, manifest hashes, chosen C, ...)
+
+classifier.onnx is the same classifier as one ONNX graph (torch.onnx.export, dynamo=True), for ONNX Runtime and
+anything else that runs ONNX, without torch or this code:
+
+    input  "images"         float32 [N, 3, H, W] (N dynamic): images preprocessed as below
+    output "probabilities"  float64 [N, K]: column k is classes[k]
+    metadata_props          "format_version", "backbone" (name), "classes" (JSON list), "preprocess" (JSON:
+                            input_size, resize, interpolation, mean, std), "layers", "tta" (JSON lists),
+                            "precision" (always "float32": see below), "head" (type/output)
+
+The graph is classifier_from_export's module exported whole: backbone, the TTA views averaged, the layers
+concatenated, the L2 blocks and the head. The head keeps its float64 arithmetic (ONNX Runtime's CPU kernels run
+it; no float32 fallback was needed). The backbone runs in float32 even where the .pt records a bf16/fp16 extract
+precision (the .pt then runs it under autocast; ONNX Runtime's CPU kernels lack bf16): parity is checked
+against the torch classifier in float32. Preprocessing (not in the graph): decode to RGB, resize the short side
+to `resize` with `interpolation`, centre-crop `input_size`, scale to [0, 1], subtract `mean`, divide by `std`
+(stages.images.eval_dataset, which also draft-decodes JPEGs at the resize size).
+
+Every write is atomic (a temporary file beside the target, then os.replace) and checked before it replaces the
+target: classifier.pt must load with weights_only=True; classifier.onnx must give, in ONNX Runtime
+(CPUExecutionProvider) on up to ONNX_PARITY_IMAGES real held-out images, the torch classifier's class and
+probabilities within ONNX_PARITY_TOLERANCE.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.backbones import Backbone, FeatureModel, Preprocess, WeightsSource, build_model
+from stages.hardware import DTYPES
+from stages.images import ImageDecodeError, eval_dataset
+from stages.io import atomic_path, quiet_onnx_export
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PREPROCESS_KEYS = ("input_size", "resize", "interpolation", "mean", "std")
+ONNX_OPSET = 18
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "probabilities"
+ONNX_PARITY_IMAGES = 16
+ONNX_PARITY_TOLERANCE = 1e-4  # largest |probability difference| between ONNX Runtime and torch
+
+
+class ExportError(ValueError):
+    """A classifier export is missing, of another format version, or inconsistent."""
+
+
+# ------------------------------------------------------------------------------------------------ heads
+class L2Blocks(nn.Module):
+    """x [B, sum D_i] -> each block of D_i columns scaled to L2 norm sqrt(D_i) (stages.evaluation.normalize_blocks)."""
+
+    def __init__(self, dims: Sequence[int]) -> None:
+        super().__init__()
+        self.dims = [int(d) for d in dims]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != sum(self.dims):
+            raise ExportError(f"l2_blocks {self.dims} need {sum(self.dims)} features; got {x.shape[1]}")
+        blocks = torch.split(x.double(), self.dims, dim=1)
+        return torch.cat([b * (b.shape[1] ** 0.5 / b.norm(dim=1, keepdim=True).clamp_min(1e-12)) for b in blocks],
+                         dim=1)
+
+
+class LinearHead(nn.Module):
+    """Scores [B, K'] = x [B, D] @ weight.T + bias, in float64 (standardization already folded in)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.double())
+        self.register_buffer("bias", bias.double().reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.double(), self.weight, self.bias)
+
+
+class RBFSVMHead(nn.Module):
+    """scikit-learn SVC(kernel="rbf") decision function: [B, 1] for two classes, one-vs-rest [B, K] else.
+
+    Pair p = (i, j), i < j, scores d_p = sum_s dual_coef[s, p] exp(-gamma |x - sv_s|^2) + intercept[p]
+    (positive: class i); with more than two classes the pairs are turned into the one-vs-rest votes plus
+    bounded confidences that `SVC.decision_function(decision_function_shape="ovr")` returns.
+    """
+
+    def __init__(self, *, mean: torch.Tensor, scale: torch.Tensor, support_vectors: torch.Tensor,
+                 dual_coef: torch.Tensor, intercept: torch.Tensor, gamma: float, n_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.double())
+        self.register_buffer("scale", scale.double())
+        self.register_buffer("support_vectors", support_vectors.double())
+        self.register_buffer("dual_coef", dual_coef.double())
+        self.register_buffer("intercept", intercept.double())
+        self.gamma = float(gamma)
+        self.n_classes = int(n_classes)
+        pairs = [(i, j) for i in range(self.n_classes) for j in range(i + 1, self.n_classes)]
+        if dual_coef.shape[1] != len(pairs) or intercept.numel() != len(pairs):
+            raise ExportError(f"rbf_svm head: {self.n_classes} classes need {len(pairs)} one-vs-one columns; "
+                              f"got dual_coef {tuple(dual_coef.shape)}, intercept {tuple(intercept.shape)}")
+        self.register_buffer("pairs", torch.tensor(pairs, dtype=torch.long).reshape(-1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.double() - self.mean) / self.scale
+        sq = (z * z).sum(1, keepdim=True) + (self.support_vectors ** 2).sum(1) - 2 * z @ self.support_vectors.T
+        kernel = torch.exp(-self.gamma * sq.clamp_min(0))  # [B, S]
+        pair_scores = kernel @ self.dual_coef + self.intercept  # [B, P]
+        if self.n_classes == 2:
+            return pair_scores
+        first, second = self.pairs[:, 0], self.pairs[:, 1]
+        votes = torch.zeros(x.shape[0], self.n_classes, dtype=torch.float64, device=x.device)
+        confidence = torch.zeros_like(votes)
+        wins_first = (pair_scores >= 0).double()
+        votes.index_add_(1, first, wins_first)
+        votes.index_add_(1, second, 1 - wins_first)
+        confidence.index_add_(1, first, pair_scores)
+        confidence.index_add_(1, second, -pair_scores)
+        return votes + confidence / (3 * (confidence.abs() + 1))
+
+
+class SoftmaxOutput(nn.Module):
+    """Probabilities [B, K] = softmax(scores [B, K])."""
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(scores, dim=1)
+
+
+class PlattOutput(nn.Module):
+    """Platt-scaled probabilities as scikit-learn's CalibratedClassifierCV(method="sigmoid") computes them.
+
+    p_k = sigmoid(-(a_k s_k + b_k)); two classes: scores [B, 1] are class 1's, p_0 = 1 - p_1; more classes:
+    normalized to sum 1 (uniform where every p_k is 0).
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("a", a.double().reshape(-1))
+        self.register_buffer("b", b.double().reshape(-1))
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(-(self.a * scores + self.b))
+        if p.shape[1] == 1:
+            return torch.cat([1 - p, p], dim=1)
+        total = p.sum(1, keepdim=True)
+        return torch.where(total > 0, p / total.clamp_min(torch.finfo(p.dtype).tiny),
+                           torch.full_like(p, 1 / p.shape[1]))
+
+
+def build_head(spec: dict[str, Any]) -> nn.Module:
+    """The head of an export as an nn.Module: features [B, D] -> probabilities [B, K] (float64)."""
+    try:
+        kind = spec.get("type", "linear")
+        if kind == "linear":
+            scorer: nn.Module = LinearHead(spec["weight"], spec["bias"])
+        elif kind == "rbf_svm":
+            scorer = RBFSVMHead(mean=spec["mean"], scale=spec["scale"], support_vectors=spec["support_vectors"],
+                                dual_coef=spec["dual_coef"], intercept=spec["intercept"], gamma=spec["gamma"],
+                                n_classes=spec["n_classes"])
+        else:
+            raise ExportError(f"head type must be 'linear' or 'rbf_svm'; got {kind!r}")
+        if spec.get("l2_blocks"):
+            scorer = nn.Sequential(L2Blocks(spec["l2_blocks"]), scorer)
+        output = spec.get("output", "softmax")
+        if output == "softmax":
+            return nn.Sequential(scorer, SoftmaxOutput())
+        if output == "platt":
+            return nn.Sequential(scorer, PlattOutput(spec["platt_a"], spec["platt_b"]))
+        raise ExportError(f"head output must be 'softmax' or 'platt'; got {output!r}")
+    except KeyError as exc:
+        raise ExportError(f"head of kind {spec.get('kind')!r} lacks {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------ model
+class ExportedClassifier(nn.Module):
+    """Backbone + head: normalized images [B, 3, H, W] float32 -> class probabilities [B, K] float64.
+
+    Features of the `tta` views are averaged (as extract stored them); the backbone runs under autocast in
+    `precision` when that is not float32 (as extract ran it). Images are prepared with
+    `stages.images.eval_dataset(root, paths, labels, self.preprocess)`, the extract stage's preprocessing.
+    """
+
+    def __init__(self, features: FeatureModel, head: nn.Module, *, layers: Sequence[str], classes: Sequence[str],
+                 preprocess: Preprocess, tta: Sequence[str] = ("none",), precision: str = "float32",
+                 name: str = "") -> None:
+        super().__init__()
+        self.name = name
+        self.features = features.eval()
+        self.head = head
+        self.layers = tuple(layers)
+        self.classes = list(classes)
+        self.preprocess = preprocess
+        self.tta = tuple(tta)
+        self.precision = precision
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Features [B, D] (float32): `self.layers` concatenated, each averaged over the TTA views."""
+        views = [images.flip(-1) if view == "hflip" else images for view in self.tta] or [images]
+        dtype = DTYPES.get(self.precision, torch.float32)
+        total = None
+        for view in views:
+            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                outputs = self.features(view)
+            out = torch.cat([outputs[layer].float() for layer in self.layers], dim=1)
+            total = out if total is None else total + out
+        return total / len(views)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images))
+
+
+def preprocess_from(spec: dict[str, Any]) -> Preprocess:
+    """A Preprocess from an export's `backbone.preprocess` dict (or the ONNX metadata's `preprocess`)."""
+    missing = [key for key in PREPROCESS_KEYS if key not in spec]
+    if missing:
+        raise ExportError(f"backbone.preprocess lacks {', '.join(missing)}")
+    return Preprocess(input_size=int(spec["input_size"]), resize=int(spec["resize"]),
+                      interpolation=str(spec["interpolation"]), mean=tuple(map(float, spec["mean"])),
+                      std=tuple(map(float, spec["std"])))
+
+
+def classifier_from_export(export: dict[str, Any]) -> ExportedClassifier:
+    """Rebuild an ExportedClassifier (eval mode, CPU) from the dict `torch.load` returned."""
+    version = export.get("format_version") if isinstance(export, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise ExportError(f"format_version is {version!r}, this code reads {READABLE_VERSIONS}; "
+                          f"re-run the head stage (`dvc repro head`) to export again")
+    try:
+        spec, state = export["backbone"], export["backbone_state"]
+        layers = list(export["layers"]) if version >= 2 else [export["layer"]]
+        classes, head_spec = export["classes"], export["head"]
+    except KeyError as exc:
+        raise ExportError(f"the export lacks {exc}") from None
+    preprocess = preprocess_from(spec["preprocess"])
+    backbone = Backbone(name=spec["name"], arch=spec["arch"], weights=WeightsSource(filename=""),
+                        preprocess=preprocess, classifier=spec["classifier"],
+                        build_kwargs=dict(spec.get("build_kwargs") or {}))
+    features = FeatureModel(build_model(backbone), spec["classifier"], tuple(layers))
+    try:
+        features.model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"backbone_state does not fit {spec['arch']}: {exc}") from None
+    for parameter in features.parameters():
+        parameter.requires_grad_(False)
+    return ExportedClassifier(features, build_head(head_spec), layers=layers, classes=classes,
+                              preprocess=preprocess, tta=spec.get("tta") or ("none",),
+                              precision=spec.get("precision") or "float32", name=spec["name"]).eval()
+
+
+# ------------------------------------------------------------------------------------------------ classifier.pt
+def build_export(*, backbone_name: str, backbone_state: dict[str, torch.Tensor], backbone_spec: dict[str, Any],
+                 layers: Sequence[str], classes: Sequence[str], head_spec: dict[str, Any],
+                 provenance: dict[str, Any]) -> dict[str, Any]:
+    """The classifier.pt dict: plain values and tensors only (torch.load(weights_only=True)).
+
+    backbone_spec: {"arch", "classifier", "build_kwargs", "preprocess", "tta", "precision"} (see the module
+    docstring); head_spec: the `head` entry."""
+    return {"format_version": FORMAT_VERSION, "backbone": {"name": backbone_name, **backbone_spec},
+            "backbone_state": backbone_state, "layers": list(layers), "classes": list(classes), "head": head_spec,
+            "provenance": provenance}
+
+
+def save_export(path: Path, export: dict[str, Any]) -> None:
+    """Write a classifier.pt dict atomically and check that it loads with weights_only=True."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: the zip records are named archive/..., not after the random
+            torch.save(export, fh)  # temporary file, so the same export gives the same bytes (and DVC hash)
+        torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: plain tensors and values only
+
+
+def load_export(path: str | Path) -> dict[str, Any]:
+    """The dict in a classifier.pt, loaded with `torch.load(weights_only=True)` (a pickled object is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist; run `dvc repro head` to export a classifier")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, zipfile errors
+        raise ExportError(f"refused to load {path}: not a plain tensor export "
+                          f"(loaded with weights_only=True): {exc}") from None
+
+
+def load_classifier(path: str | Path) -> ExportedClassifier:
+    """Load `models/<bb>/classifier.pt` with `torch.load(weights_only=True)` and rebuild the classifier."""
+    export = load_export(path)
+    try:
+        return classifier_from_export(export)
+    except ExportError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------ classifier.onnx
+def onnx_path_for(path: str | Path) -> Path:
+    """classifier.onnx beside a classifier.pt (a .onnx path is returned as it is)."""
+    path = Path(path)
+    return path if path.suffix == ".onnx" else path.with_suffix(".onnx")
+
+
+def onnx_metadata(export: dict[str, Any]) -> dict[str, str]:
+    """classifier.onnx's metadata_props for a classifier.pt dict: what running it needs without the .pt
+    (string values; lists and dicts as JSON)."""
+    spec, head = export["backbone"], export["head"]
+    layers = list(export["layers"]) if export.get("format_version", FORMAT_VERSION) >= 2 else [export["layer"]]
+    return {"format_version": str(FORMAT_VERSION), "backbone": str(spec["name"]),
+            "classes": json.dumps([str(c) for c in export["classes"]]),
+            "preprocess": json.dumps(preprocess_from(spec["preprocess"]).as_dict()),
+            "layers": json.dumps(layers), "tta": json.dumps(list(spec.get("tta") or ["none"])),
+            "precision": "float32", "head": f"{head.get('type', 'linear')}/{head.get('output', 'softmax')}"}
+
+
+def read_sample_images(root: str | Path, paths: Sequence[str], preprocess: Preprocess, *,
+                       limit: int = ONNX_PARITY_IMAGES) -> torch.Tensor:
+    """Up to `limit` of `paths` (relative to `root`, evenly spread) decoded as predict decodes them
+    (stages.images.eval_dataset): float32 [N, 3, input_size, input_size]. Undecodable files are skipped."""
+    if not paths:
+        raise ExportError("no held-out images: classifier.onnx needs real images to check its parity with the "
+                          "torch classifier")
+    picks = np.unique(np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int))
+    chosen = [str(paths[i]) for i in picks]
+    images = eval_dataset(Path(root), chosen, [0] * len(chosen), preprocess)
+    tensors = []
+    for index in range(len(chosen)):
+        try:
+            tensors.append(images[index][0])
+        except ImageDecodeError:
+            continue
+    if not tensors:
+        raise ExportError(f"no image of {len(paths)} under {root} decodes; classifier.onnx needs real images "
+                          f"to check its parity with the torch classifier")
+    return torch.stack(tensors)
+
+
+def verify_onnx(session: Any, classifier: nn.Module, images: torch.Tensor, *,
+                tolerance: float = ONNX_PARITY_TOLERANCE) -> float:
+    """Run `classifier` (torch) and `session` (an onnxruntime.InferenceSession) on images [N, 3, H, W]; raise
+    ExportError unless both choose the same class (wherever torch's top two differ by more than 1e-9) and every
+    probability is within `tolerance`. Returns the largest |probability difference|."""
+    with torch.inference_mode():
+        expected = classifier(images).double().numpy()
+    got = np.asarray(session.run([ONNX_OUTPUT], {ONNX_INPUT: images.numpy()})[0], dtype=np.float64)
+    if got.shape != expected.shape:
+        raise ExportError(f"classifier.onnx gives probabilities of shape {got.shape}; torch gives {expected.shape}")
+    top2 = np.sort(expected, axis=1)[:, -2:] if expected.shape[1] > 1 else np.zeros((len(expected), 2))
+    differ = int(np.sum((got.argmax(1) != expected.argmax(1)) & ((top2[:, 1] - top2[:, 0]) > 1e-9)))
+    largest = float(np.abs(got - expected).max())
+    if differ or not largest <= tolerance:
+        raise ExportError(f"classifier.onnx disagrees with the torch classifier on {len(images)} held-out images: "
+                          f"{differ} different classes, largest probability difference {largest:.3g} "
+                          f"(allowed {tolerance:g}); the ONNX export is wrong, not written")
+    return largest
+
+
+def save_onnx(path: Path, export: dict[str, Any], *, images: torch.Tensor) -> dict[str, Any]:
+    """Write classifier.onnx for a classifier.pt dict, atomically, after checking it in ONNX Runtime.
+
+    images: float32 [N, 3, H, W], preprocessed real images (read_sample_images) for the parity check
+    (verify_onnx) against the torch classifier, backbone in float32. Returns {"seconds" (export + check),
+    "images", "max_difference"}."""
+    import onnx
+    import onnxruntime
+
+    start = time.perf_counter()
+    classifier = classifier_from_export({**export, "backbone": {**export["backbone"], "precision": "float32"}})
+    example = images if len(images) >= 2 else images.repeat(2, 1, 1, 1)  # batch 1 would be specialized
+    try:
+        with quiet_onnx_export():
+            program = torch.onnx.export(classifier, (example,), dynamo=True, input_names=[ONNX_INPUT],
+                                        output_names=[ONNX_OUTPUT], opset_version=ONNX_OPSET, verbose=False,
+                                        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+    except Exception as exc:  # noqa: BLE001 - torch.export / onnxscript raise many kinds
+        raise ExportError(f"{path}: torch.onnx.export failed for {classifier.name}: {exc}") from exc
+    model = program.model_proto
+    onnx.helper.set_model_props(model, onnx_metadata(export))
+    model.doc_string = (f"{classifier.name} classifier over {len(classifier.classes)} classes: "
+                        f"{ONNX_INPUT} float32 [N, 3, H, W] -> {ONNX_OUTPUT} float64 [N, K] (stages/export.py)")
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        largest = verify_onnx(session, classifier, images)
+    seconds = time.perf_counter() - start
+    logger.info("wrote %s in %.1f s; ONNX Runtime matches torch on %d held-out images (largest probability "
+                "difference %.2g)", path, seconds, len(images), largest)
+    precision = export["backbone"].get("precision") or "float32"
+    if precision != "float32":
+        logger.info("%s runs its backbone in float32; %s runs it under %s autocast, as extract did", path.name,
+                    path.with_suffix(".pt").name, precision)
+    return {"seconds": seconds, "images": int(len(images)), "max_difference": largest}
+
+
+class OnnxClassifier:
+    """classifier.onnx in ONNX Runtime, used as predict uses an ExportedClassifier: images [B, 3, H, W] ->
+    probabilities [B, K] (float64 tensor); `classes`, `preprocess`, `name` come from the model's metadata."""
+
+    def __init__(self, session: Any, metadata: dict[str, str], path: Path) -> None:
+        self.session = session
+        self.path = path
+        version = metadata.get("format_version")
+        if version not in {str(v) for v in READABLE_VERSIONS}:
+            raise ExportError(f"format_version is {version!r}, this code reads {READABLE_VERSIONS}; "
+                              f"re-run the head stage (`dvc repro head`) to export again")
+        try:
+            self.name = metadata["backbone"]
+            self.classes = [str(c) for c in json.loads(metadata["classes"])]
+            self.preprocess = preprocess_from(json.loads(metadata["preprocess"]))
+        except (KeyError, json.JSONDecodeError, TypeError) as exc:
+            raise ExportError(f"its metadata_props lack or garble {exc}; write it with stages/export.py "
+                              f"(`dvc repro head`)") from None
+
+    def to(self, device: torch.device) -> OnnxClassifier:
+        return self  # the session's providers decide where it runs
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(np.asarray(self.session.run([ONNX_OUTPUT], {ONNX_INPUT: images})[0]))
+
+
+def load_onnx(path: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",)) -> OnnxClassifier:
+    """classifier.onnx (or the one beside a classifier.pt) as an OnnxClassifier in ONNX Runtime."""
+    import onnxruntime
+
+    path = onnx_path_for(path)
+    if not path.is_file():
+        stage = (f"finetune@{path.parent.name}" if path.parent.parent.name == "finetune"
+                 else f"head@{path.parent.name}")
+        raise ExportError(f"{path} does not exist; run `dvc repro {stage}` to export it (ONNX Runtime runs "
+                          f"classifier.onnx, written beside classifier.pt)")
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=list(providers))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ExportError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
+    try:
+        return OnnxClassifier(session, dict(session.get_modelmeta().custom_metadata_map), path)
+    except ExportError as exc:
+        raise ExportError(f"{path}: {exc}") from None
