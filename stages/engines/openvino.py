@@ -1,8 +1,9 @@
 """The OpenVINO engine: the exported graph (stages/engines/graph.py) compiled by OpenVINO for the CPU.
 
 The precision is the candidate's, set as INFERENCE_PRECISION_HINT ("f32" or "bf16") and read back from the
-compiled model: a CPU that cannot run bf16 natively would silently get f32 instead, so the engine refuses to
-build rather than store float32 rows under a bfloat16 label.
+compiled model. bf16 is built only where the CPU runs it natively (avx512_bf16/amx_bf16, stages/hardware.py):
+elsewhere OpenVINO either silently compiles f32 (AVX2: float32 rows under a bfloat16 label) or emulates bf16
+(AVX-512 without bf16: slow, and rows torch's bf16 path would not give), so the engine refuses to build.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import openvino
 import torch
 
 from stages.engines import Candidate
+from stages.hardware import read_cpu_capability
 
 HINTS = {"float32": "f32", "bfloat16": "bf16"}
 TYPES = {"float32": openvino.Type.f32, "bfloat16": openvino.Type.bf16}
@@ -22,6 +24,9 @@ class OpenVinoEngine:
     def __init__(self, graph: Path, layers: tuple[str, ...], candidate: Candidate, *, threads: int) -> None:
         if candidate.engine != "openvino" or candidate.precision not in HINTS or candidate.device != "cpu":
             raise ValueError(f"OpenVINO runs float32 or bfloat16 on the CPU here; got {candidate.name}")
+        if candidate.precision == "bfloat16" and not read_cpu_capability()["native_bfloat16"]:
+            raise ValueError(f"{candidate.name}: this CPU has no native bf16 (avx512_bf16/amx_bf16); OpenVINO would "
+                             f"compile f32 or emulate bf16 instead")
         core = openvino.Core()
         config = {"INFERENCE_PRECISION_HINT": HINTS[candidate.precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": threads}
