@@ -119,13 +119,14 @@ def test_an_engine_whose_float32_features_differ_is_excluded(project: dict, grap
     assert "differ from eager float32" in selection["excluded"]["onnxruntime+cpu+float32+graph"]
 
 
-def test_the_export_is_not_tried_when_it_cannot_pay(project: dict, graph: dict) -> None:
+@pytest.mark.parametrize("cores", [1, 2])  # 2: the eager rate comes from the thread choice, not timed again
+def test_the_export_is_not_tried_when_it_cannot_pay(project: dict, graph: dict, cores: int) -> None:
     """No cached graph and a few seconds of eager work left: the graph engines are not tried (reason recorded)."""
     candidates = choose.candidate_list("cpu", "float32")
     exported = []
     with torch.inference_mode():
         engine, selection = choose.select_engine(
             graph["model"], candidates, [torch.randn(8, 3, 32, 32)], n_todo=12, compile_mode="off", views=("none",),
-            cores=1, batch_size=8, layers=LAYERS, graph=lambda: exported.append(1), export_anyway=False)
+            cores=cores, batch_size=8, layers=LAYERS, graph=lambda: exported.append(1), export_anyway=False)
     assert exported == [] and engine.candidate.engine == "torch"
     assert all("not tried" in selection["excluded"][c.name] for c in candidates if c.engine != "torch")

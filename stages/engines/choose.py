@@ -295,16 +295,18 @@ def select_engine(model: nn.Module, candidates: Sequence[Candidate], batches: Se
     baseline = TorchEngine(model, candidates[0])
     probe = batches[-1][:PROBE_IMAGES]
     threads = torch.get_num_threads()
+    eager_rate = None  # the baseline's images/s on `probe`, when the thread choice measured it
     if cores > 1 and n_todo:  # first, so that every candidate is compared at the threads it gets
         threads, thread_rates = choose_threads(baseline, probe, cores=cores, views=views)
         selection["threads"] = {"chosen": threads, "images_per_second": thread_rates, "candidate": candidates[0].name,
                                 "images": int(probe.shape[0])}
+        eager_rate = thread_rates[str(threads)]
     reference = reference_of(candidates)
     engines: dict[str, Callable] = {c.name: TorchEngine(model, c) for c in [*candidates, reference]
                                     if c.engine == "torch"}
     costs = _build_graph_engines([c for c in candidates if c.engine != "torch"], engines, selection, model=model,
                                  baseline=baseline, probe=probe, views=views, n_todo=n_todo, layers=layers,
-                                 threads=threads, graph=graph, export_anyway=export_anyway)
+                                 threads=threads, graph=graph, export_anyway=export_anyway, eager_rate=eager_rate)
     stats, outputs, rounds = measure(engines, batches, views=views)
     selection["measurements"], selection["measurement"] = stats, rounds
     for name, entry in stats.items():
@@ -348,16 +350,20 @@ def select_engine(model: nn.Module, candidates: Sequence[Candidate], batches: Se
 def _build_graph_engines(candidates: Sequence[Candidate], engines: dict[str, Callable], selection: dict[str, Any], *,
                          model: nn.Module, baseline: TorchEngine, probe: torch.Tensor, views: Sequence[str],
                          n_todo: float, layers: tuple[str, ...], threads: int,
-                         graph: Callable[[], tuple[Path, dict[str, Any]]], export_anyway: bool) -> dict[str, float]:
+                         graph: Callable[[], tuple[Path, dict[str, Any]]], export_anyway: bool,
+                         eager_rate: float | None = None) -> dict[str, float]:
     """Add the graph engines among `candidates` to `engines` when the export is cached or can pay; record why
-    not in selection["excluded"]. Returns the one-time seconds spent per engine (export + build)."""
+    not in selection["excluded"]. `eager_rate`: the baseline's images/s already measured on `probe` (else timed
+    here, after a warm-up). Returns the one-time seconds spent per engine (export + build)."""
     costs: dict[str, float] = {}
     if not candidates:
         return costs
     if not export_anyway:
-        seconds, _ = _timed(baseline, probe, views)  # a rough eager rate (the measurement comes later)
-        seconds, _ = _timed(baseline, probe, views)
-        eager_left = n_todo * seconds / probe.shape[0]
+        if not eager_rate:  # a rough eager rate (the measurement comes later)
+            _timed(baseline, probe, views)
+            seconds, _ = _timed(baseline, probe, views)
+            eager_rate = probe.shape[0] / seconds
+        eager_left = n_todo / eager_rate
         if eager_left <= EXPORT_TRIAL_MIN_S:
             for c in candidates:
                 selection["excluded"][c.name] = (f"not tried: eager would take ~{eager_left:.0f} s for the "
