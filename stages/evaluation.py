@@ -26,11 +26,9 @@ import numpy as np
 from scipy.stats import binomtest
 
 from sklearn.model_selection import StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier
 
 from stages.io import read_json, write_json
 
-KNN_TEMPERATURE = 0.07  # vote weight exp(cosine similarity / T), as in the DINO / InstDisc k-NN protocol
 ALPHA = 0.05  # a row is "indistinguishable from the best" when McNemar's exact p-value is at least this
 
 
@@ -152,31 +150,35 @@ def stratified_folds(y: np.ndarray, *, folds: int, seed: int) -> list[tuple[np.n
 
 
 def normalize_blocks(blocks: Sequence[np.ndarray], normalization: str) -> np.ndarray:
-    """Concatenate feature blocks [N, D_i] -> [N, sum D_i] (float64). "l2" in `normalization`: each block is
-    first scaled to L2 norm sqrt(D_i) (unit norm, rescaled so a feature's typical size stays about 1 and one
-    C grid fits every normalization); standardization, when asked for, is the head's own first step."""
+    """Concatenate feature blocks [N, D_i] -> [N, sum D_i] (float32, as features are stored; one new array).
+    "l2" in `normalization`: each block is first scaled to L2 norm sqrt(D_i) (unit norm, rescaled so a feature's
+    typical size stays about 1 and one C grid fits every normalization); standardization, when asked for, is the
+    head's own first step."""
     out = []
     for block in blocks:
-        block = np.asarray(block, dtype=np.float64)
+        block = np.asarray(block, dtype=np.float32)
         if "l2" in normalization:
             norms = np.linalg.norm(block, axis=1, keepdims=True)
-            block = block * (np.sqrt(block.shape[1]) / np.maximum(norms, 1e-12))
+            block = block * (np.float32(np.sqrt(block.shape[1])) / np.maximum(norms, np.float32(1e-12)))
         out.append(block)
-    return np.concatenate(out, axis=1) if len(out) > 1 else out[0]
+    return np.concatenate(out, axis=1) if len(out) > 1 else np.array(out[0], dtype=np.float32, copy=True)
 
 
-def knn_proba(fit_x: np.ndarray, fit_y: np.ndarray, x: np.ndarray, *, k: int, n_classes: int,
-              temperature: float = KNN_TEMPERATURE) -> np.ndarray:
-    """Cosine k-NN class probabilities [N, K] of x [N, D] from fit_x [M, D] / fit_y [M]: each of the k most
-    similar rows votes for its class with weight exp(similarity / temperature) (scikit-learn's brute-force
-    KNeighborsClassifier on the cosine distance 1 - similarity)."""
-    k = int(min(k, len(fit_y)))
-    model = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
-                                 weights=lambda distance: np.exp((1.0 - distance) / temperature))
-    model.fit(np.asarray(fit_x, dtype=np.float64), fit_y)
-    proba = np.zeros((len(x), n_classes))
-    proba[:, model.classes_] = model.predict_proba(np.asarray(x, dtype=np.float64))
-    return proba
+def stratified_subsample(strata: np.ndarray, *, size: int, seed: int, min_per_stratum: int = 1) -> np.ndarray:
+    """Sorted indices of about `size` rows of strata [M] (a label, or split and label combined), each stratum
+    keeping its share (rounded) and at least min(its count, min_per_stratum) rows; all rows when M <= size.
+    Seeded: the same (strata, size, seed) always gives the same rows."""
+    strata = np.asarray(strata)
+    if len(strata) <= size:
+        return np.arange(len(strata))
+    rng = np.random.default_rng(seed)
+    values, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    quota = np.maximum(np.minimum(counts, min_per_stratum), np.round(counts * (size / len(strata))).astype(int))
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    chosen = [rng.choice(order[start:start + count], size=int(q), replace=False)
+              for start, count, q in zip(starts, counts, np.minimum(quota, counts))]
+    return np.sort(np.concatenate(chosen))
 
 
 def draw_few_shot(y: np.ndarray, *, shots: int, seed: int) -> np.ndarray:

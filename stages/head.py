@@ -11,16 +11,18 @@
    candidate (head.kind x head.feature_sets x head.normalization x head.C) is scored on the other images only:
    stratified k-fold CV (`head.selection: cv`) or train -> val (`val`). The best selection accuracy wins (ties:
    lower log loss, then params order) and is refit on all selection images; the held-out split is predicted
-   once, after every choice. Poisoning its labels changes no choice (tests/test_head.py).
-     logreg      sklearn LogisticRegression (lbfgs), warm-started along the C sweep
-     linear_svm  sklearn LinearSVC                 } probabilities: CalibratedClassifierCV(method="sigmoid",
-     svm_rbf     sklearn SVC(kernel="rbf")         }   stratified k-fold, k <= 5, ensemble=False)
-     softmax     a torch nn.Linear trained full batch with L-BFGS (CUDA when present), logreg's objective
+   once, after every choice. Poisoning its labels changes no choice (tests/test_head.py). With more selection
+   images than head.selection_max_rows (20,000), the choices are made on a seeded subsample of that many,
+   stratified by split and class (a rule by size, never a timing), and the chosen setting is refit on all of
+   them; metrics.json `selection.rows` records it. The heads (stages/probes.py): logreg (torch L-BFGS, float32,
+   CUDA when present, warm-started along C), linear_svm, svm_rbf (Platt-calibrated).
    Feature sets concatenate pooled layers (`mid`: the backbone's last-but-one stage, attrs layer_aliases);
-   normalization: standardize, l2 (each layer to norm sqrt(D)), or l2+standardize.
+   normalization: standardize, l2 (each layer to norm sqrt(D)), or l2+standardize. Features stay float32.
 3. From the same cache, no second backbone pass: every feature set's own best candidate (report rows), a cosine
-   k-NN probe (k chosen on the selection folds, votes weighted exp(similarity / 0.07)), and a few-shot curve
-   (head.few_shot images per class, head.few_shot_draws seeded draws, logreg with the chosen settings).
+   k-NN probe (feature set and k chosen on the selection folds from one faiss search per fold at the largest k;
+   votes weighted exp(similarity / 0.07); exact search up to 50,000 base rows, an inverted-file index above,
+   stages/neighbours.py, recorded in metrics.json `knn.search`), and a few-shot curve (head.few_shot images per
+   class, head.few_shot_draws seeded draws, logreg with the chosen settings).
 4. Augmented training views (extract.augment_views) and TTA view rows (extract.tta_mode: rows) add training rows
    of their image only: a fit on images S uses S's extra rows; a fold never sees its scored images' views.
 
@@ -45,239 +47,39 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import softmax as np_softmax
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss, precision_recall_fscore_support
-from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC, LinearSVC
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from stages.backbones import (WeightsError, build_model, classifier_path, get_backbone, load_weights,
                               module_version, replace_module)
-from stages.io import atomic_path, setup_logging, sha256_file, write_json, write_text
+from stages.io import setup_logging, sha256_file, write_json, write_text
 from stages.features import FeatureFile, FeaturesError, ProvenanceError, read_checked, views_per_image  # noqa: F401 (ProvenanceError: part of head's errors)
-from stages.evaluation import (Predictions, ProtocolError, draw_few_shot, heldout_split, knn_proba, normalize_blocks,
-                               predictions_from_proba, selection_rows, spread, stratified_folds, write_predictions)
-from stages.metrics import classification_metrics, expected_calibration_error
+from stages.evaluation import (Predictions, ProtocolError, draw_few_shot, heldout_split, normalize_blocks,
+                               predictions_from_proba, selection_rows, spread, stratified_folds,
+                               stratified_subsample, write_predictions)
+from stages.metrics import classification_metrics
+from stages.model_card import model_card
+from stages.neighbours import cosine_search, knn_vote
 from stages.params import HeadParams, ParamError, load_params
-from stages.export import (build_export, build_head, classifier_from_export, onnx_path_for, preprocess_from,
+from stages.plots import write_plots
+from stages.probes import (Candidate, Probe, ProbeError, Score, choose, export_head, fit_recording, probe_pipeline,
+                           sweep_C, verify_export)
+from stages.export import (build_export, classifier_from_export, onnx_path_for, preprocess_from,
                            read_sample_images, save_export, save_onnx)
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("logreg", "linear_svm", "svm_rbf", "softmax")
-LOGREG_TOL = 1e-5  # lbfgs gradient tolerance on the mean loss; 1e-4 lets warm starts stop at once
-CALIBRATION_FOLDS = 5
-SPLITS = ("train", "val", "test")
-
+EXPORT_CHECK_ROWS = 8192  # held-out rows the exported head is checked on against the trained probe
 
 class HeadError(FeaturesError):
     """The inputs do not allow training a head; the message names the file or parameter and why."""
-
-
-# ------------------------------------------------------------------------------------------------ heads
-class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
-    """Multinomial logistic regression as a torch nn.Linear, trained full batch with L-BFGS.
-
-    Minimizes mean cross-entropy + |W|^2 / (2 C n) (scikit-learn's LogisticRegression objective divided by
-    C n) in float32 on CUDA when present; zero-initialized, so the result is deterministic. Features [N, D]
-    should be standardized. `coef_` [K, D] and `intercept_` [K] are float64 copies of the trained layer.
-    """
-
-    def __init__(self, C: float = 1.0, *, max_iter: int = 2000, tol: float = LOGREG_TOL, seed: int = 0,
-                 warm_start: bool = False, device: str = "auto") -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.seed = seed
-        self.warm_start = warm_start
-        self.device = device
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> SoftmaxClassifier:
-        self.classes_, targets = np.unique(np.asarray(y), return_inverse=True)
-        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if self.device == "auto" else self.device)
-        features = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
-        target = torch.as_tensor(targets, device=device)
-        layer = nn.Linear(features.shape[1], len(self.classes_), device=device)
-        with torch.no_grad():
-            previous = getattr(self, "coef_", None)
-            if self.warm_start and previous is not None and previous.shape == tuple(layer.weight.shape):
-                layer.weight.copy_(torch.as_tensor(previous))
-                layer.bias.copy_(torch.as_tensor(self.intercept_))
-            else:
-                layer.weight.zero_()
-                layer.bias.zero_()
-        penalty = 1.0 / (2.0 * self.C * len(features))
-        optimizer = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
-                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(layer(features), target) + penalty * layer.weight.square().sum()
-            loss.backward()
-            return loss
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            optimizer.step(closure)
-        self.n_iter_ = int(optimizer.state[layer.weight].get("n_iter", 0))
-        if self.n_iter_ >= self.max_iter:
-            warnings.warn(f"softmax head: L-BFGS reached max_iter={self.max_iter} before the gradient fell below "
-                          f"{self.tol} (C={self.C}); increase head.max_iter", ConvergenceWarning, stacklevel=2)
-        self.coef_ = layer.weight.detach().cpu().double().numpy()
-        self.intercept_ = layer.bias.detach().cpu().double().numpy()
-        return self
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Logits [N, K] (float64)."""
-        return np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return np_softmax(self.decision_function(X), axis=1)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
-
-
-def make_head(kind: str, *, C: float, max_iter: int, seed: int, calibration_folds: int = CALIBRATION_FOLDS) -> Any:
-    """An unfitted scikit-learn classifier with `predict_proba` for `head.kind` (features standardized)."""
-    if kind == "logreg":
-        return LogisticRegression(C=C, max_iter=max_iter, tol=LOGREG_TOL, warm_start=True, random_state=seed)
-    if kind == "softmax":
-        return SoftmaxClassifier(C, max_iter=max_iter, seed=seed, warm_start=True)
-    if kind == "linear_svm":
-        base: Any = LinearSVC(C=C, max_iter=max_iter, random_state=seed)
-    elif kind == "svm_rbf":
-        base = SVC(kernel="rbf", C=C, gamma="scale", random_state=seed)
-    else:
-        raise ParamError(f"head.kind must be one of {', '.join(KINDS)}; got {kind!r}. Edit params.yaml.")
-    folds = StratifiedKFold(n_splits=calibration_folds, shuffle=True, random_state=seed)
-    return CalibratedClassifierCV(base, method="sigmoid", cv=folds, ensemble=False)
-
-
-def _fit_recording(estimator: Any, X: np.ndarray, y: np.ndarray) -> list[str]:
-    """Fit `estimator` with one BLAS thread; return the ConvergenceWarning messages it raised (other warnings
-    pass through).
-
-    One thread because scipy's L-BFGS-B makes many level-1 BLAS calls on the [K*D] parameter vector and a
-    threaded OpenBLAS pays a thread hand-off on each: on 2 shared cores the `--bench` sweep took 21 s with
-    2 threads and 3.4 s with one (the same models). liblinear, libsvm and torch do not use this BLAS.
-    """
-    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        estimator.fit(X, y)
-    messages = []
-    for item in caught:
-        if issubclass(item.category, ConvergenceWarning):
-            messages.append(" ".join(str(item.message).split()))
-        else:
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
-    return list(dict.fromkeys(messages))
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One setting the protocol may choose: head kind, feature set (layers concatenated), normalization, C."""
-    kind: str
-    layers: tuple[str, ...]
-    normalization: str
-    C: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layers": list(self.layers), "normalization": self.normalization, "C": self.C}
-
-
-@dataclass(frozen=True)
-class Score:
-    """A candidate's selection score: accuracy and mean log loss over the selection folds' scored rows."""
-    candidate: Candidate
-    accuracy: float
-    log_loss: float
-    seconds: float
-    warnings: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**self.candidate.as_dict(), "accuracy": round(self.accuracy, 6), "log_loss": round(self.log_loss, 6),
-                "seconds": round(self.seconds, 4), "converged": not self.warnings}
-
-
-@dataclass
-class Probe:
-    """A fitted head: `model` (optional StandardScaler + classifier) maps `normalize_blocks` of the candidate's
-    layers to probabilities [N, K]."""
-    candidate: Candidate
-    model: Pipeline
-    train_seconds: float
-    warnings: list[str] = field(default_factory=list)
-    block_dims: tuple[int, ...] = ()  # feature columns of each layer in candidate.layers
-
-    @property
-    def probabilities(self) -> str:
-        """How predict_proba is made: "softmax" or the Platt calibration used."""
-        return ("softmax" if self.candidate.kind in ("logreg", "softmax") else
-                "Platt sigmoid: CalibratedClassifierCV(stratified k-fold, ensemble=False)")
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """features [N, D]: the candidate's layers concatenated, as stored (normalized here)."""
-        blocks = np.split(np.asarray(features), np.cumsum(self.block_dims)[:-1], axis=1)
-        return self.model.predict_proba(normalize_blocks(blocks, self.candidate.normalization))
-
-
-def choose(scores: Sequence[Score]) -> Score:
-    """The highest selection accuracy; ties: the lower log loss, then the first candidate (params order:
-    simpler feature sets, normalizations and smaller C come first)."""
-    return min(enumerate(scores), key=lambda item: (-round(item[1].accuracy, 12), round(item[1].log_loss, 9),
-                                                    item[0]))[1]
-
-
-def calibration_folds(y: np.ndarray, kind: str) -> int:
-    """Folds for the SVM kinds' Platt calibration: at most 5, at most the smallest class count."""
-    smallest = int(np.bincount(y).min())
-    if kind in ("linear_svm", "svm_rbf") and smallest < 2:
-        raise HeadError(f"head.kind {kind} calibrates its probabilities by cross-validation and needs at least 2 "
-                        f"training images per class; the smallest class has {smallest}. Use head.kind logreg.")
-    return max(2, min(CALIBRATION_FOLDS, smallest))
-
-
-def _pipeline(kind: str, normalization: str, *, C: float, max_iter: int, seed: int, y: np.ndarray) -> Pipeline:
-    steps = [StandardScaler()] if "standardize" in normalization else []
-    return make_pipeline(*steps, make_head(kind, C=C, max_iter=max_iter, seed=seed,
-                                           calibration_folds=calibration_folds(y, kind)))
-
-
-def sweep_C(x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, y_score: np.ndarray, *, kind: str,
-            normalization: str, Cs: Sequence[float], max_iter: int, seed: int, n_classes: int
-            ) -> list[tuple[float, float, float, list[str]]]:
-    """Fit every C (ascending; logreg and softmax warm-start from the previous C) on x_fit [M, D] and score
-    x_score [S, D]: [(C, correct count, summed log loss, convergence warnings)]. x_* already normalized."""
-    labels = np.arange(n_classes)
-    results, pipeline = [], None
-    for C in sorted(set(float(c) for c in Cs)):
-        if pipeline is None or not getattr(pipeline[-1], "warm_start", False):
-            pipeline = _pipeline(kind, normalization, C=C, max_iter=max_iter, seed=seed, y=y_fit)
-        else:
-            pipeline[-1].set_params(C=C)
-        messages = _fit_recording(pipeline, x_fit, y_fit)
-        proba = pipeline.predict_proba(x_score)
-        results.append((C, float(np.sum(proba.argmax(1) == y_score)),
-                        float(log_loss(y_score, proba, labels=labels, normalize=False)), messages))
-    return results
 
 
 def select(dataset: Dataset, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], *,
@@ -316,101 +118,17 @@ def fit_candidate(dataset: Dataset, rows: np.ndarray, candidate: Candidate, *, m
     """Refit `candidate` on the images `rows` (plus their augmented / view rows)."""
     tick = time.perf_counter()
     x_fit, y_fit = dataset.fit_set(candidate.layers, candidate.normalization, rows)
-    model = _pipeline(candidate.kind, candidate.normalization, C=candidate.C, max_iter=max_iter, seed=seed, y=y_fit)
-    messages = _fit_recording(model, x_fit, y_fit)
+    try:
+        model = probe_pipeline(candidate.kind, candidate.normalization, C=candidate.C, max_iter=max_iter, seed=seed,
+                               y=y_fit)
+    except ProbeError as exc:
+        raise HeadError(str(exc)) from None
+    messages = fit_recording(model, x_fit, y_fit)
     for message in messages:
         logger.warning("%s refit: %s", candidate, message)
     return Probe(candidate=candidate, model=model, train_seconds=time.perf_counter() - tick,
                  warnings=[f"refit {candidate.as_dict()}: {m}" for m in messages],
                  block_dims=tuple(dataset.images[layer].shape[1] for layer in candidate.layers))
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def calibration_bins(confidence: np.ndarray, correct: np.ndarray, *, n_bins: int) -> list[dict[str, Any]]:
-    """The reliability diagram behind stages.metrics.expected_calibration_error: equal-width bins over [0, 1],
-    right-closed ((0, 1/n], (1/n, 2/n], ...; 0 falls in the first), per non-empty bin its edges, mean
-    confidence, accuracy and count. confidence (top-class probability), correct: [N]."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    bins = []
-    for b in range(n_bins):
-        members = index == b
-        if members.any():
-            bins.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]),
-                         "confidence": float(confidence[members].mean()),
-                         "accuracy": float(correct[members].mean()), "count": int(members.sum())})
-    return bins
-
-
-# ------------------------------------------------------------------------------------------------ export
-def _fold_scaler(weight: np.ndarray, bias: np.ndarray,
-                 scaler: StandardScaler | None) -> tuple[np.ndarray, np.ndarray]:
-    """(W, b) acting on standardized features -> (W', b') acting on the features before the scaler [.., D]."""
-    if scaler is None:
-        return weight, bias
-    folded = weight / scaler.scale_
-    return folded, bias - folded @ scaler.mean_
-
-
-def export_head(probe: Probe) -> dict[str, Any]:
-    """The head as float64 tensors for classifier.pt (see stages/export.py for the format)."""
-    steps, estimator = probe.model[:-1], probe.model[-1]
-    scaler = steps[0] if len(steps) else None
-    candidate = probe.candidate
-    spec: dict[str, Any] = {"kind": candidate.kind, "C": candidate.C, "normalization": candidate.normalization}
-    if "l2" in candidate.normalization:
-        spec["l2_blocks"] = [int(d) for d in probe.block_dims]
-    if candidate.kind in ("logreg", "softmax"):
-        weight, bias = estimator.coef_, np.atleast_1d(estimator.intercept_)
-        if weight.shape[0] == 1:  # binary logreg: p1 = sigmoid(z) = softmax([0, z])[1]
-            weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
-        weight, bias = _fold_scaler(weight, bias, scaler)
-        spec.update(type="linear", output="softmax", weight=torch.from_numpy(weight), bias=torch.from_numpy(bias))
-        return spec
-    calibrated = estimator.calibrated_classifiers_[0]
-    svm = calibrated.estimator
-    spec.update(output="platt", calibration="sigmoid (CalibratedClassifierCV, ensemble=False)",
-                platt_a=torch.tensor([c.a_ for c in calibrated.calibrators], dtype=torch.float64),
-                platt_b=torch.tensor([c.b_ for c in calibrated.calibrators], dtype=torch.float64))
-    if candidate.kind == "linear_svm":
-        weight, bias = _fold_scaler(svm.coef_, np.atleast_1d(svm.intercept_), scaler)
-        spec.update(type="linear", weight=torch.from_numpy(weight), bias=torch.from_numpy(bias))
-        return spec
-    n_classes = len(svm.classes_)
-    starts = np.concatenate([[0], np.cumsum(svm.n_support_)])
-    pairs = [(i, j) for i in range(n_classes) for j in range(i + 1, n_classes)]
-    dual = np.zeros((len(svm.support_vectors_), len(pairs)))
-    if n_classes == 2:  # scikit-learn's public binary coefficients already score class 1
-        dual[:, 0] = svm.dual_coef_[0]
-    else:  # libsvm layout: pair (i, j) uses dual_coef_[j-1] on class i's vectors, dual_coef_[i] on class j's
-        for p, (i, j) in enumerate(pairs):
-            dual[starts[i]:starts[i + 1], p] = svm.dual_coef_[j - 1, starts[i]:starts[i + 1]]
-            dual[starts[j]:starts[j + 1], p] = svm.dual_coef_[i, starts[j]:starts[j + 1]]
-    dim = svm.support_vectors_.shape[1]
-    mean = scaler.mean_ if scaler is not None else np.zeros(dim)
-    scale = scaler.scale_ if scaler is not None else np.ones(dim)
-    spec.update(type="rbf_svm", mean=torch.from_numpy(mean.astype(np.float64)),
-                scale=torch.from_numpy(scale.astype(np.float64)),
-                support_vectors=torch.from_numpy(svm.support_vectors_.astype(np.float64)),
-                dual_coef=torch.from_numpy(dual), intercept=torch.from_numpy(svm.intercept_.astype(np.float64)),
-                gamma=float(svm._gamma), n_classes=n_classes)
-    return spec
-
-
-def verify_export(head_spec: dict[str, Any], probe: Probe, features: np.ndarray) -> float:
-    """Check that the exported head reproduces `probe` on features [N, D]: same predictions wherever the top
-    two probabilities differ by more than 1e-9, probabilities within 1e-6. Returns the largest difference."""
-    expected = probe.predict_proba(features)
-    with torch.no_grad():
-        got = build_head(head_spec)(torch.from_numpy(np.asarray(features, dtype=np.float64))).numpy()
-    top2 = np.sort(expected, axis=1)[:, -2:] if expected.shape[1] > 1 else np.zeros((len(expected), 2))
-    decided = (top2[:, 1] - top2[:, 0]) > 1e-9
-    differ = int(np.sum((got.argmax(1) != expected.argmax(1)) & decided))
-    largest = float(np.abs(got - expected).max()) if len(expected) else 0.0
-    if differ or largest > 1e-6:
-        raise HeadError(f"the exported {probe.candidate.kind} head disagrees with the trained one on {differ} images "
-                        f"(largest probability difference {largest:.3g}); this is a bug in stages/head.py")
-    return largest
 
 
 def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> None:
@@ -436,67 +154,6 @@ def write_errors_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["path"]))
     write_text(path, buffer.getvalue())
-
-
-def _save_png(figure: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-
-
-def write_plots(plots_dir: Path, *, y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str],
-                ece_bins: int, title: str, split: str = "val") -> None:
-    """Held-out plots for DVC (confusion.json, calibration.json, per_class.json) and as PNGs (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    predicted = proba.argmax(1)
-    correct = predicted == y_true
-    bins = calibration_bins(proba.max(1), correct, n_bins=ece_bins)
-    _, recall, _, support = precision_recall_fscore_support(y_true, predicted, labels=np.arange(len(classes)),
-                                                           zero_division=0)
-    per_class = [{"class": name, "accuracy": float(recall[k]), "count": int(support[k])}
-                 for k, name in enumerate(classes)]
-    write_json(plots_dir / "confusion.json",
-               [{"actual": classes[t], "predicted": classes[p]} for t, p in zip(y_true, predicted)])
-    write_json(plots_dir / "calibration.json", bins)
-    write_json(plots_dir / "per_class.json", per_class)
-
-    size = max(3.5, 0.45 * len(classes) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(y_true, predicted, labels=np.arange(len(classes)),
-                                            display_labels=list(classes), ax=axes, colorbar=False,
-                                            xticks_rotation="vertical")
-    axes.set_title(f"{title}: held-out {split} confusion")
-    _save_png(figure, plots_dir / "confusion.png")
-    plt.close(figure)
-
-    figure, axes = plt.subplots(figsize=(4.5, 4.5))
-    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
-    if bins:
-        axes.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=1 / ece_bins, align="edge",
-                 alpha=0.6, edgecolor="black", label="accuracy per bin")
-        axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                  label="accuracy at the bin's mean confidence")
-        for b in bins:
-            axes.annotate(str(b["count"]), (b["lower"] + 0.5 / ece_bins, b["accuracy"]), ha="center",
-                          va="bottom", fontsize="x-small")
-    ece = expected_calibration_error(proba, y_true, n_bins=ece_bins)
-    axes.set(xlim=(0, 1), ylim=(0, 1.1), xlabel="confidence (top-class probability); numbers: images per bin",
-             ylabel="accuracy",
-             title=f"{title}: held-out {split} calibration, ECE {ece:.3f}")
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="x-small", frameon=False)
-    _save_png(figure, plots_dir / "calibration.png")
-    plt.close(figure)
-
-    figure, axes = plt.subplots(figsize=(6, max(2.0, 0.35 * len(classes) + 1)))
-    axes.barh([p["class"] for p in per_class], [p["accuracy"] for p in per_class], color="tab:blue")
-    axes.set(xlim=(0, 1), xlabel="accuracy (recall)", title=f"{title}: held-out {split} accuracy per class")
-    axes.invert_yaxis()
-    _save_png(figure, plots_dir / "per_class.png")
-    plt.close(figure)
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -594,26 +251,33 @@ def selection_folds(dataset: Dataset, rows: np.ndarray, params: HeadParams
     return folds, {"method": "cv", "folds": len(folds), "stratified": True, "seed": params.seed}
 
 
-def knn_probe(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
-              *, feature_sets: Sequence[tuple[str, ...]], ks: Sequence[int], n_classes: int
-              ) -> tuple[dict[str, Any], np.ndarray]:
-    """Cosine k-NN (each layer L2-normalized): the feature set and k chosen on `folds` (its own choice, not the
-    linear probe's), then every selection image votes for the held-out ones. Returns ({"k", "layers",
-    "selection_accuracy", "sweep"}, held-out probabilities [H, K])."""
-    sweep = []
+def knn_probe(dataset: Dataset, chooser: np.ndarray, rows: np.ndarray, heldout: np.ndarray,
+              folds: Sequence[tuple[np.ndarray, np.ndarray]], *, feature_sets: Sequence[tuple[str, ...]],
+              ks: Sequence[int], n_classes: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Cosine k-NN (each layer L2-normalized): the feature set and k chosen on `folds` (index pairs into
+    `chooser`, the rows that choose; its own choice, not the linear probe's), one neighbour search per fold and
+    feature set at the largest k, reused for every k. Then every selection image (`rows`) votes for the held-out
+    ones. Returns ({"k", "layers", "selection_accuracy", "sweep", "search"}, held-out probabilities [H, K])."""
+    ks = sorted(set(int(k) for k in ks))
+    sweep: list[dict[str, Any]] = []
     scored = sum(len(s) for _, s in folds)
     for layers in feature_sets:
-        for k in sorted(set(ks)):
-            correct = sum(np.sum(knn_proba(dataset.eval_set(layers, "l2", rows[fit]), dataset.labels[rows[fit]],
-                                           dataset.eval_set(layers, "l2", rows[score]), k=k,
-                                           n_classes=n_classes).argmax(1) == dataset.labels[rows[score]])
-                          for fit, score in folds)
-            sweep.append({"layers": list(layers), "k": k, "accuracy": float(correct / scored)})
+        correct = np.zeros(len(ks))
+        for fit, score in folds:
+            fit_rows, score_rows = chooser[fit], chooser[score]
+            found = cosine_search(dataset.eval_set(layers, "l2", fit_rows), dataset.eval_set(layers, "l2", score_rows),
+                                  k=ks[-1], seed=seed)
+            for j, k in enumerate(ks):
+                votes = knn_vote(found, dataset.labels[fit_rows], k=k, n_classes=n_classes)
+                correct[j] += np.sum(votes.argmax(1) == dataset.labels[score_rows])
+        sweep += [{"layers": list(layers), "k": k, "accuracy": float(c / scored)} for k, c in zip(ks, correct)]
     best = max(enumerate(sweep), key=lambda item: (round(item[1]["accuracy"], 12), -item[0]))[1]
     layers = best["layers"]
-    proba = knn_proba(dataset.eval_set(layers, "l2", rows), dataset.labels[rows],
-                      dataset.eval_set(layers, "l2", heldout), k=best["k"], n_classes=n_classes)
-    return {"k": best["k"], "layers": layers, "selection_accuracy": best["accuracy"], "sweep": sweep}, proba
+    found = cosine_search(dataset.eval_set(layers, "l2", rows), dataset.eval_set(layers, "l2", heldout),
+                          k=best["k"], seed=seed)
+    proba = knn_vote(found, dataset.labels[rows], k=best["k"], n_classes=n_classes)
+    return {"k": best["k"], "layers": layers, "selection_accuracy": best["accuracy"], "sweep": sweep,
+            "search": found.search}, proba
 
 
 def few_shot_curve(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, candidate: Candidate, *,
@@ -626,10 +290,10 @@ def few_shot_curve(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, cand
         accuracies = []
         for d in range(draws):
             drawn = rows[draw_few_shot(dataset.labels[rows], shots=k, seed=seed + d)]
-            model = _pipeline("logreg", candidate.normalization, C=candidate.C, max_iter=max_iter, seed=seed,
-                              y=dataset.labels[drawn])
-            _fit_recording(model, dataset.eval_set(candidate.layers, candidate.normalization, drawn),
-                           dataset.labels[drawn])
+            model = probe_pipeline("logreg", candidate.normalization, C=candidate.C, max_iter=max_iter,
+                                   seed=seed, y=dataset.labels[drawn])
+            fit_recording(model, dataset.eval_set(candidate.layers, candidate.normalization, drawn),
+                          dataset.labels[drawn])
             accuracies.append(float(np.mean(model.predict(x_heldout) == y_heldout)))
         curve.append({"shots": k, "draws": draws, **spread(accuracies)})
     return curve
@@ -678,11 +342,43 @@ def drop_audited_heldout(dataset: Dataset, audit_path: Path | None) -> tuple[Dat
         views_replace_images=dataset.views_replace_images), {"policy": policy, "dropped_from_heldout": dropped}
 
 
-def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadParams,
-                      feature_sets: Sequence[tuple[str, ...]]) -> dict[str, Any]:
-    """The whole protocol on a Dataset: choose on the selection rows, refit there, evaluate the held-out split
-    once. Returns {"heldout_split", "probe" (Probe), "scores", "selection", "feature_sets" (per set: its best
-    candidate refit + held-out metrics), "knn", "few_shot", "predictions" {row: held-out probabilities}}."""
+def choice_rows(dataset: Dataset, rows: np.ndarray, params: HeadParams) -> tuple[np.ndarray, dict[str, Any]]:
+    """The selection rows that make the choices: all of `rows`, or, when there are more than
+    head.selection_max_rows, a seeded subsample of that many, stratified by split and class (each keeps its
+    share and at least head.folds rows where it has them). A rule by size, never by a timing: choosing C, layers,
+    normalization and k on 20,000 rows is as sure as on a million, and the chosen setting is refit on every
+    selection row. Returns (indices into the dataset, metrics.json's selection "rows" record)."""
+    limit = params.selection_max_rows
+    if limit is None or len(rows) <= limit:
+        return rows, {"available": int(len(rows)), "used": int(len(rows)), "reduction": None}
+    split_code = np.unique(dataset.split[rows], return_inverse=True)[1]
+    strata = split_code * (int(dataset.labels.max()) + 1) + dataset.labels[rows]
+    chooser = rows[stratified_subsample(strata, size=limit, seed=params.seed, min_per_stratum=params.folds)]
+    return chooser, {"available": int(len(rows)), "used": int(len(chooser)),
+                     "reduction": f"stratified subsample (split x class) of head.selection_max_rows={limit}, "
+                                  f"seed {params.seed}; the chosen setting refit on all {len(rows)} selection rows"}
+
+
+def refit_feature_sets(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, scores: Sequence[Score], *,
+                       feature_sets: Sequence[tuple[str, ...]], classes: Sequence[str], params: HeadParams
+                       ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[tuple[str, ...], Probe]]:
+    """Each feature set's own best candidate refit on all selection rows and evaluated once on the held-out rows:
+    (per-set records for metrics.json, {"layers=...": held-out probabilities}, {layers: Probe})."""
+    per_set, predictions, probes = [], {}, {}
+    y_heldout = dataset.labels[heldout]
+    for layers in feature_sets:
+        own = choose([s for s in scores if s.candidate.layers == layers])
+        probe = fit_candidate(dataset, rows, own.candidate, max_iter=params.max_iter, seed=params.seed)
+        proba = probe.predict_proba(dataset.eval_set(layers, "none", heldout))
+        probes[layers] = probe
+        predictions["layers=" + "+".join(layers)] = proba
+        per_set.append({"layers": list(layers), **own.candidate.as_dict(), "selection_accuracy": own.accuracy,
+                        "heldout": classification_metrics(proba, y_heldout, classes, ece_bins=params.ece_bins)})
+    return per_set, predictions, probes
+
+
+def protocol_rows(dataset: Dataset, classes: Sequence[str]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(held-out split name, selection rows, held-out rows); HeadError when a class has no selection row."""
     try:
         heldout_name = heldout_split(dataset.split)
     except ProtocolError as exc:
@@ -692,42 +388,46 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
     if absent:
         raise HeadError(f"classes {[classes[c] for c in absent]} have no images outside the held-out {heldout_name} "
                         f"split; every class needs training images")
-    folds, selection = selection_folds(dataset, rows, params)
+    return heldout_name, rows, heldout
+
+
+def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadParams,
+                      feature_sets: Sequence[tuple[str, ...]]) -> dict[str, Any]:
+    """The whole protocol on a Dataset: choose on the selection rows (or their subsample, `choice_rows`), refit
+    there, evaluate the held-out split once. Returns {"heldout_split", "probe" (Probe), "scores", "selection",
+    "feature_sets" (per set: its best candidate refit + held-out metrics), "knn", "few_shot", "predictions"
+    {row: held-out probabilities}}."""
+    heldout_name, rows, heldout = protocol_rows(dataset, classes)
+    chooser, used = choice_rows(dataset, rows, params)
+    folds, selection = selection_folds(dataset, chooser, params)
     n_classes = len(classes)
-    logger.info("selection: %s on %d images (%s), held out: %s (%d images); %d feature set(s) x %d normalization(s) "
-                "x %d kind(s) x %d C", selection["method"], len(rows), ", ".join(sorted(set(dataset.split[rows]))),
-                heldout_name, len(heldout), len(feature_sets), len(params.normalization), len(params.kind),
-                len(params.C))
-    scores = select(dataset, rows, folds, kinds=params.kind, feature_sets=feature_sets,
-                    normalizations=params.normalization, Cs=params.C, max_iter=params.max_iter, seed=params.seed,
-                    n_classes=n_classes)
-    best = choose(scores)
+    logger.info("selection: %s on %d of %d images (%s), held out: %s (%d images); %d feature set(s) x %d "
+                "normalization(s) x %d kind(s) x %d C", selection["method"], len(chooser), len(rows),
+                ", ".join(sorted(set(dataset.split[rows]))), heldout_name, len(heldout), len(feature_sets),
+                len(params.normalization), len(params.kind), len(params.C))
+    try:
+        scores = select(dataset, chooser, folds, kinds=params.kind, feature_sets=feature_sets,
+                        normalizations=params.normalization, Cs=params.C, max_iter=params.max_iter,
+                        seed=params.seed, n_classes=n_classes)
+        best = choose(scores)
+        per_set, predictions, probes = refit_feature_sets(dataset, rows, heldout, scores, feature_sets=feature_sets,
+                                                          classes=classes, params=params)
+    except ProbeError as exc:
+        raise HeadError(str(exc)) from None
     y_heldout = dataset.labels[heldout]
-    per_set, predictions, probes = [], {}, {}
-    for layers in feature_sets:
-        own = choose([s for s in scores if s.candidate.layers == layers])
-        probe = fit_candidate(dataset, rows, own.candidate, max_iter=params.max_iter, seed=params.seed)
-        proba = probe.predict_proba(dataset.eval_set(layers, "none", heldout))
-        probes[layers] = probe
-        predictions["layers=" + "+".join(layers)] = proba
-        per_set.append({"layers": list(layers), **own.candidate.as_dict(), "selection_accuracy": own.accuracy,
-                        "heldout": classification_metrics(proba, y_heldout, classes, ece_bins=params.ece_bins)})
-    probe = probes[best.candidate.layers]
     predictions["probe"] = predictions["layers=" + "+".join(best.candidate.layers)]
-    knn, knn_prob = knn_probe(dataset, rows, heldout, folds, feature_sets=feature_sets, ks=params.knn_k,
-                              n_classes=n_classes)
-    knn["heldout"] = classification_metrics(knn_prob, y_heldout, classes, ece_bins=params.ece_bins)
-    predictions["knn"] = knn_prob
+    knn, predictions["knn"] = knn_probe(dataset, chooser, rows, heldout, folds, feature_sets=feature_sets,
+                                        ks=params.knn_k, n_classes=n_classes, seed=params.seed)
+    knn["heldout"] = classification_metrics(predictions["knn"], y_heldout, classes, ece_bins=params.ece_bins)
     few_shot = few_shot_curve(dataset, rows, heldout, best.candidate, shots=params.few_shot,
                               draws=params.few_shot_draws, seed=params.seed, max_iter=params.max_iter)
     few_shot.append({"shots": "all", "draws": 1, **spread([float(np.mean(predictions["probe"].argmax(1) == y_heldout))])})
-    selection.update(split="+".join(sorted(set(dataset.split[rows].tolist()))), n=int(len(rows)),
+    selection.update(split="+".join(sorted(set(dataset.split[rows].tolist()))), n=int(len(rows)), rows=used,
                      accuracy=best.accuracy, log_loss=best.log_loss, chosen=best.candidate.as_dict(),
                      candidates=[s.as_dict() for s in scores])
-    return {"heldout_split": heldout_name, "heldout_rows": heldout, "probe": probe, "probes": probes, "best": best,
-            "scores": scores,
-            "selection": selection, "feature_sets": per_set, "knn": knn, "few_shot": few_shot,
-            "predictions": predictions}
+    return {"heldout_split": heldout_name, "heldout_rows": heldout, "probe": probes[best.candidate.layers],
+            "probes": probes, "best": best, "scores": scores, "selection": selection, "feature_sets": per_set,
+            "knn": knn, "few_shot": few_shot, "predictions": predictions}
 
 
 def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, weights_path: Path, raw_dir: Path,
@@ -760,7 +460,7 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
     def export_of(chosen: Probe) -> dict[str, Any]:
         """classifier.pt's dict for a fitted probe, checked against the probe on the held-out features."""
         chosen_layers = list(chosen.candidate.layers)
-        chosen_features = dataset.eval_set(chosen_layers, "none", heldout)
+        chosen_features = dataset.eval_set(chosen_layers, "none", heldout[:EXPORT_CHECK_ROWS])
         head_spec = export_head(chosen)
         verify_export(head_spec, chosen, chosen_features)
         export = build_export(
@@ -793,6 +493,7 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
         "selection": result["selection"], "feature_sets": result["feature_sets"], "knn": result["knn"],
         "few_shot": result["few_shot"],
         "train_seconds": round(probe.train_seconds, 4), "feature_dim": int(sum(probe.block_dims)),
+        "probe_device": getattr(probe.model[-1], "device_", "cpu"),
         "n_selection": int(result["selection"]["n"]),
         "n_heldout": int(len(heldout)), "converged": not warnings_, "warnings": warnings_,
         "probabilities": probe.probabilities, "features": provenance}
@@ -815,66 +516,6 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
                 title=f"{backbone_name} {best.candidate.kind}", split=result["heldout_split"])
     return metrics
 
-
-def model_card(*, backbone_name: str, metrics: dict[str, Any], classes: Sequence[str], split_counts: dict[str, dict[str, int]],
-               preprocess: dict[str, Any] | None, weights_path: Path, model_path: Path) -> str:
-    """MODEL_CARD.md beside classifier.pt: data, held-out metrics with intervals, provenance, use and limits."""
-    heldout, chosen, selection = metrics["heldout"], metrics["selection"]["chosen"], metrics["selection"]
-    split = metrics["heldout_split"]
-    rows = "\n".join(f"| {escape_md(c)} | " + " | ".join(str(split_counts.get(s, {}).get(c, 0)) for s in SPLITS) +
-                     f" | {heldout['per_class'][c]['recall']:.3f} |" for c in classes)
-    pre = preprocess or {}
-    return f"""# Model card: {backbone_name} + {chosen['kind']} head
-
-`{model_path}`: a frozen ImageNet-pretrained `{backbone_name}` backbone with a {chosen['kind']} head trained on
-its cached features ({' + '.join(chosen['layers'])}, {chosen['normalization']}, C = {chosen['C']:g}).
-
-## Held-out performance ({split} split, {heldout['n']} images, never used to choose anything)
-
-| metric | value |
-| --- | ---: |
-| accuracy [95% Wilson interval] | {heldout['accuracy']:.4f} [{heldout['accuracy_ci_low']:.4f}, {heldout['accuracy_ci_high']:.4f}] |
-| mean per-class accuracy | {heldout['mean_class_accuracy']:.4f} |
-| macro F1 | {heldout['macro_f1']:.4f} |
-| log loss | {heldout['log_loss']:.4f} |
-| expected calibration error | {heldout['ece']:.4f} |
-
-Selection: {selection['method']} on the {selection['split']} images ({selection['n']}); selection accuracy
-{selection['accuracy']:.4f} over {len(selection['candidates'])} candidates. The chosen setting was then refit on those images.
-
-## Training data
-
-| class | {' | '.join(SPLITS)} | held-out recall |
-| --- | {' | '.join('---:' for _ in SPLITS)} | ---: |
-{rows}
-
-## Provenance
-
-- backbone weights: `{weights_path}`, sha256 `{metrics['features']['weights_sha256']}`
-- features: `{metrics['features']['path']}`, sha256 `{metrics['features']['sha256']}` (precision {metrics['features'].get('precision')}, TTA {metrics['features'].get('tta')})
-- manifest sha256 `{metrics['features']['manifest_sha256']}`
-- preprocessing: resize short side to {pre.get('resize')} ({pre.get('interpolation')}), centre crop {pre.get('input_size')}, mean {pre.get('mean')}, std {pre.get('std')}
-
-## Intended use and limits
-
-For images like the training images: the same classes, camera or microscope, framing and resolution. It always
-answers with one of the {len(classes)} classes above, also for images of none of them (no rejection option); check
-the calibration before trusting its probabilities as confidences. The interval above is for images drawn like the
-held-out split; on another population (other site, device, time) accuracy can be lower. {len(heldout.get('per_class', {}))}
-classes were evaluated on {heldout['n']} images: small classes have wide per-class uncertainty.
-
-## How to run it
-
-```bash
-python -m stages.predict path/to/image_or_folder --model {model_path} --topk 3
-python -m stages.predict path/to/image_or_folder --model {model_path} --engine onnxruntime  # the .onnx beside it
-```
-"""
-
-
-def escape_md(text: str) -> str:
-    """A class name safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # ------------------------------------------------------------------------------------------------ benchmark

@@ -166,8 +166,9 @@ class HeadParams:
     max_iter: int = 2000
     seed: int = 0
     ece_bins: int = 15
+    selection_max_rows: int | None = 20000  # more selection rows than this: choose on a stratified subsample
     checks = {"max_iter": _positive, "ece_bins": _positive, "knn_k": _positive, "few_shot": _positive,
-              "few_shot_draws": _positive}
+              "few_shot_draws": _positive, "selection_max_rows": _positive}
 
     def __post_init__(self) -> None:
         _check(len(self.C) > 0 and all(c > 0 for c in self.C), "head.C",
@@ -177,6 +178,9 @@ class HeadParams:
         _check(all(len(s) > 0 for s in self.feature_sets), "head.feature_sets",
                "a list of layer lists, each naming stored layers (pool, mid or a module name)",
                [list(s) for s in self.feature_sets], "feature_sets: [[pool], [pool, mid]]")
+        _check(self.selection_max_rows is None or self.selection_max_rows >= 10 * self.folds,
+               "head.selection_max_rows", f"null or an integer of at least 10 x head.folds ({10 * self.folds})",
+               self.selection_max_rows, "selection_max_rows: 20000")
 
 
 @dataclass(frozen=True)

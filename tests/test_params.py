@@ -119,6 +119,7 @@ BAD_VALUES = [
     ("head.C", [1.0, 0], "head.C must be a positive float or a list of them"),
     ("head.C", "big", "head.C[0] must be a number"),
     ("head.max_iter", 0, "head.max_iter must be a positive"),
+    ("head.selection_max_rows", 20, "head.selection_max_rows must be null or an integer of at least 10 x head.folds"),
     ("head.seed", "0", "head.seed must be an integer"),
     ("head.ece_bins", 0, "head.ece_bins must be a positive"),
     ("finetune.backbones", ["Res Net"], "finetune.backbones[0] must be a name"),

@@ -1,0 +1,65 @@
+"""stages.neighbours: exact and approximate cosine search agree on clustered data, one search at the largest k
+serves every smaller k, votes weigh by similarity and ignore neighbours an approximate search did not find."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages import neighbours as nb
+
+
+def clustered(n: int, *, dim: int = 16, clusters: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (clusters, dim))
+    labels = rng.integers(0, clusters, n)
+    return (centres[labels] + rng.normal(0, 0.15, (n, dim))).astype(np.float32), labels
+
+
+def test_exact_search_is_brute_force_cosine() -> None:
+    base, _ = clustered(300)
+    queries, _ = clustered(40, seed=1)
+    found = nb.cosine_search(base, queries, k=5)
+    unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = np.argsort(-(q @ unit.T), axis=1, kind="stable")[:, :5]
+    assert found.search == {"method": "exact", "index": "IndexFlatIP", "rows": 300, "k": 5}
+    np.testing.assert_array_equal(np.sort(found.index, axis=1), np.sort(truth, axis=1))
+    np.testing.assert_allclose(found.similarity, np.take_along_axis(q @ unit.T, found.index, axis=1), atol=1e-5)
+    assert np.all(np.diff(found.similarity, axis=1) <= 1e-6)  # descending
+
+
+def test_approximate_index_above_the_threshold_finds_the_exact_neighbours_of_clustered_data() -> None:
+    base, _ = clustered(4000)
+    queries, _ = clustered(300, seed=2)
+    exact = nb.cosine_search(base, queries, k=10)
+    approx = nb.cosine_search(base, queries, k=10, exact_max_rows=1000, seed=3)
+    assert approx.search["method"] == "approximate" and approx.search["nlist"] == 63
+    assert approx.search["nprobe"] == nb.NPROBE and approx.search["train_rows"] == nb.TRAIN_PER_LIST * 63
+    overlap = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(approx.index, exact.index)])
+    assert overlap >= 0.95
+    assert approx.search["recall_at_k"] == pytest.approx(overlap, abs=0.05)  # its own measurement on a sample
+    again = nb.cosine_search(base, queries, k=10, exact_max_rows=1000, seed=3)
+    np.testing.assert_array_equal(again.index, approx.index)  # seeded: the same neighbours every run
+
+
+def test_one_search_at_the_largest_k_gives_every_smaller_k_the_same_votes() -> None:
+    base, labels = clustered(500, clusters=4)
+    queries, _ = clustered(60, clusters=4, seed=5)
+    widest = nb.cosine_search(base, queries, k=20)
+    for k in (1, 5, 10, 20):
+        own = nb.cosine_search(base, queries, k=k)
+        np.testing.assert_allclose(nb.knn_vote(widest, labels, k=k, n_classes=4),
+                                   nb.knn_vote(own, labels, k=k, n_classes=4), atol=1e-12)
+
+
+def test_votes_skip_neighbours_not_found_and_k_beyond_the_base_is_clamped() -> None:
+    found = nb.Neighbours(similarity=np.array([[0.9, 0.5, -3.4e38]], dtype=np.float32),
+                          index=np.array([[2, 0, -1]]))
+    proba = nb.knn_vote(found, np.array([1, 0, 0]), k=3, n_classes=2)
+    w = np.exp(np.array([0.9, 0.5]) / nb.KNN_TEMPERATURE)  # row 2 votes class 0, row 0 class 1; -1 votes nothing
+    np.testing.assert_allclose(proba, [[w[0] / w.sum(), w[1] / w.sum()]], rtol=1e-6)
+    lonely = nb.knn_vote(nb.Neighbours(np.zeros((1, 1), np.float32), np.array([[-1]])), np.array([0]), k=1,
+                         n_classes=2)
+    np.testing.assert_allclose(lonely, [[0.5, 0.5]])  # nothing found: no vote, uniform
+    few = nb.cosine_search(np.eye(3, dtype=np.float32), np.ones((1, 3), np.float32), k=10)
+    assert few.index.shape == (1, 3) and few.search["k"] == 3
