@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 PIPELINE_MIRROR ?= $(wildcard $(abspath ..)/shared/datasets)
 export PIPELINE_MIRROR
 
-.PHONY: install run test test-fast bench bench-quality bench-audit dvc-init clean finetune finetune-ddp
+.PHONY: install run test test-fast bench bench-quality bench-audit bench-scale dvc-init clean finetune finetune-ddp
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ bench-quality: install
 
 bench-audit: install
 	$(BIN)/python -m stages.bench_audit $(BENCH_DATASETS) --work /tmp/bench_audit
+
+# Scale ladder: wall s, peak RSS and growth exponent per stage on generated image sets (1k, 10k) and synthetic
+# feature files (10k, 100k); targets print as PASS/FAIL. More: BENCH_SCALE_ARGS="--features 10000,100000,1000000".
+BENCH_SCALE_ARGS ?=
+bench-scale: install
+	$(BIN)/python -m stages.bench_scale --work /tmp/bench_scale $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
