@@ -266,7 +266,7 @@ def knn_probe(dataset: Dataset, chooser: np.ndarray, rows: np.ndarray, heldout: 
         for fit, score in folds:
             fit_rows, score_rows = chooser[fit], chooser[score]
             found = cosine_search(dataset.eval_set(layers, "l2", fit_rows), dataset.eval_set(layers, "l2", score_rows),
-                                  k=ks[-1], seed=seed)
+                                  k=ks[-1], seed=seed, in_place=True)  # eval_set's arrays are new
             for j, k in enumerate(ks):
                 votes = knn_vote(found, dataset.labels[fit_rows], k=k, n_classes=n_classes)
                 correct[j] += np.sum(votes.argmax(1) == dataset.labels[score_rows])
@@ -274,7 +274,7 @@ def knn_probe(dataset: Dataset, chooser: np.ndarray, rows: np.ndarray, heldout: 
     best = max(enumerate(sweep), key=lambda item: (round(item[1]["accuracy"], 12), -item[0]))[1]
     layers = best["layers"]
     found = cosine_search(dataset.eval_set(layers, "l2", rows), dataset.eval_set(layers, "l2", heldout),
-                          k=best["k"], seed=seed)
+                          k=best["k"], seed=seed, in_place=True)
     proba = knn_vote(found, dataset.labels[rows], k=best["k"], n_classes=n_classes)
     return {"k": best["k"], "layers": layers, "selection_accuracy": best["accuracy"], "sweep": sweep,
             "search": found.search}, proba

@@ -31,19 +31,17 @@ class Neighbours:
     search: dict[str, Any] = field(default_factory=dict)
 
 
-def l2_normalized(x: np.ndarray) -> np.ndarray:
-    """Rows of x [N, D] scaled to unit L2 norm, as a new C-contiguous float32 array (zero rows stay zero)."""
-    out = np.array(x, dtype=np.float32, order="C", copy=True)
+def l2_normalized(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Rows of x [N, D] scaled to unit L2 norm (zero rows stay zero), float32 C-contiguous: x itself when
+    `in_place` and it already is such an array (the caller's array is then changed), else a new one."""
+    reuse = in_place and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable
+    out = x if reuse else np.array(x, dtype=np.float32, order="C", copy=True)
     faiss.normalize_L2(out)
     return out
 
 
-def _index(base: np.ndarray, *, seed: int, exact_max_rows: int) -> tuple[Any, dict[str, Any]]:
+def _approximate_index(base: np.ndarray, *, seed: int) -> tuple[Any, dict[str, Any]]:
     rows, dim = base.shape
-    if rows <= exact_max_rows:
-        index = faiss.IndexFlatIP(dim)
-        index.add(base)
-        return index, {"method": "exact", "index": "IndexFlatIP", "rows": rows}
     nlist = int(round(np.sqrt(rows)))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -57,16 +55,24 @@ def _index(base: np.ndarray, *, seed: int, exact_max_rows: int) -> tuple[Any, di
 
 
 def cosine_search(base: np.ndarray, queries: np.ndarray, *, k: int, seed: int = 0,
-                  exact_max_rows: int = EXACT_MAX_ROWS, recall_sample: int = RECALL_QUERIES) -> Neighbours:
+                  exact_max_rows: int = EXACT_MAX_ROWS, recall_sample: int = RECALL_QUERIES,
+                  in_place: bool = False) -> Neighbours:
     """The k (at most len(base)) most cosine-similar rows of base [M, D] for each row of queries [Q, D]. Both
-    are L2-normalized here (float32 copies). With the approximate index, `search["recall_at_k"]` is the mean
-    fraction of the exact k neighbours found, over `recall_sample` seeded queries."""
-    base, queries = l2_normalized(base), l2_normalized(queries)
+    are L2-normalized here: float32 copies, or the arrays themselves with `in_place` (no copy; they are changed).
+    Exact search reads base where it lies (faiss.knn, no index copy). With the approximate index,
+    `search["recall_at_k"]` is the mean fraction of the exact k neighbours found, over `recall_sample` seeded
+    queries."""
+    base, queries = l2_normalized(base, in_place=in_place), l2_normalized(queries, in_place=in_place)
     k = int(min(k, len(base)))
-    index, info = _index(base, seed=seed, exact_max_rows=exact_max_rows)
-    similarity, found = index.search(queries, k)
-    if info["method"] == "approximate" and len(queries):
-        info["recall_at_k"] = measured_recall(base, queries, found, k=k, sample=recall_sample, seed=seed)
+    if len(base) <= exact_max_rows:
+        similarity, found = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+        info: dict[str, Any] = {"method": "exact", "index": "IndexFlatIP", "rows": len(base)}
+    else:
+        index, info = _approximate_index(base, seed=seed)
+        similarity, found = index.search(queries, k)
+        del index
+        if len(queries):
+            info["recall_at_k"] = measured_recall(base, queries, found, k=k, sample=recall_sample, seed=seed)
     info["k"] = k
     return Neighbours(similarity=similarity, index=found.astype(np.int64), search=info)
 
@@ -76,9 +82,7 @@ def measured_recall(base: np.ndarray, queries: np.ndarray, found: np.ndarray, *,
     """Mean over `sample` seeded queries of |found ∩ exact k neighbours| / k (base, queries normalized)."""
     picked = np.sort(np.random.default_rng(seed).choice(len(queries), size=min(sample, len(queries)),
                                                         replace=False))
-    exact = faiss.IndexFlatIP(base.shape[1])
-    exact.add(base)
-    _, truth = exact.search(queries[picked], k)
+    _, truth = faiss.knn(queries[picked], base, k, metric=faiss.METRIC_INNER_PRODUCT)
     hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found[picked], truth)]
     return round(float(np.mean(hits)) / k, 4)
 
