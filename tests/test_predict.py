@@ -154,3 +154,35 @@ def test_tta_rows_train_on_every_view_and_predict_with_their_mean(tmp_path: Path
         features.check_provenance(data, backbone="tiny", weights_path="w", weights_sha256=data.attrs["weights_sha256"],
                               manifest_path=project["manifest"], manifest_sha256=data.attrs["manifest_sha256"],
                               manifest=read_manifest(project["manifest"]))
+
+
+def test_auto_engine_takes_the_checked_onnx_beside_the_export_else_torch(project: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = project["model"]
+    assert predict.resolve_engine("auto", model, device="auto") == "onnxruntime"
+    assert predict.resolve_engine("auto", export_format.onnx_path_for(model), device="auto") == "onnxruntime"
+    assert predict.resolve_engine("auto", model, device="cuda") == "torch"
+    assert predict.resolve_engine("torch", model, device="auto") == "torch"
+    alone = tmp_path / "classifier.pt"
+    alone.write_bytes(model.read_bytes())  # no classifier.onnx beside it
+    assert predict.resolve_engine("auto", alone, device="auto") == "torch"
+
+
+def test_many_images_decode_in_workers_with_the_same_results_and_bad_files_reported(
+        project: dict, tmp_path: Path) -> None:
+    images = sorted((project["raw"]).rglob("*.jpg"))
+    paths = []
+    for i in range(predict.PARALLEL_DECODE_MIN):
+        target = tmp_path / f"{i:03d}.jpg"
+        target.write_bytes(images[i % len(images)].read_bytes())
+        paths.append(target)
+    (tmp_path / "030.jpg").write_bytes(b"broken")
+    model = export_format.load_classifier(project["model"])
+    parallel = predict.predict_images(model, paths, batch_size=8)
+    serial = predict.predict_images(model, paths[:predict.PARALLEL_DECODE_MIN - 1], batch_size=8)  # below: no workers
+    assert parallel[30]["error"].startswith("not an image") and "class" not in parallel[30]
+    assert [r.get("class") for r in parallel[:-1]] == [r.get("class") for r in serial]  # same order, same answers
+    assert [r.get("probability", 0) for r in parallel[:-1]] == pytest.approx([r.get("probability", 0) for r in serial],
+                                                                          abs=1e-12)  # batch shapes differ
+    assert all("class" in r for i, r in enumerate(parallel) if i != 30)
