@@ -195,4 +195,6 @@ def test_a_disagreeing_onnx_model_is_refused_and_not_written(stage: dict, tmp_pa
     target = tmp_path / "classifier.onnx"
     with pytest.raises(ex.ExportError, match="disagrees"):
         ex.save_onnx(target, export, images=images)
-    assert list(tmp_path.iterdir()) == []  # neither the model nor a temporary file
+    # neither the model nor a temporary file: only the backbone graph cache (complete files, kept for the next run)
+    assert [p.name for p in tmp_path.iterdir()] == [".graphs"]
+    assert {p.suffix for p in (tmp_path / ".graphs").iterdir()} == {".onnx", ".json"}
