@@ -51,7 +51,7 @@ from stages import prepare as prepare_stage
 from stages.backbones import get_backbone
 from stages.images import read_manifest
 from stages.params import load_params
-from test_e2e import make_pipeline_copy, run, stages_run
+from conftest import make_pipeline_copy, run, stages_run
 from test_prepare import QUARANTINED, make_bad_corpus
 
 pytestmark = pytest.mark.faults
