@@ -784,6 +784,7 @@ def test_compiled_path_pads_the_last_batch_and_matches_eager(project: dict) -> N
 
 
 # ------------------------------------------------------------------------------------ real backbone
+@pytest.mark.slow  # the real backbone on real images, in two precisions
 def test_efficientnet_lite0_on_real_images_fp32_exact_and_bf16_close(tmp_path: Path) -> None:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"{HYMENOPTERA} not found")

@@ -125,6 +125,7 @@ def test_resume_after_an_interrupted_ray_run_then_only_new_images(project: dict,
     assert again["features_sha256"] == report["features_sha256"]
 
 
+@pytest.mark.slow  # a local Ray instance and its actors
 @needs_ray
 def test_ray_engine_writes_the_local_engines_augmented_views(project: dict, ray_local, tmp_path: Path) -> None:
     """Augmented views on Ray: the local engine's bytes, then only a new train image's views are computed."""
