@@ -270,19 +270,8 @@ def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out
                         rows.main.reused_from["features"], out.name, rows.main.reused_from["work_file"], len(todo),
                         f" and {len(todo_augmented)} x {views} augmented views" if views else "",
                         runner.candidate.name, precision_reason, runner.name)
-            counter = iter(range(1, 1 << 62))
-            tick = (lambda: on_batch(next(counter))) if on_batch is not None else None
-            seconds = seconds_augmented = 0.0
-            if todo:
-                seconds = record_batches(rows.main, runner.batches(todo), header={**runner.header(), "key": key},
-                                         resume=runner.resumed and rows.main.header is not None, total=len(todo),
-                                         desc=f"extract {backbone.name}", on_batch=tick)
-            if todo_augmented:
-                seconds_augmented = record_batches(
-                    rows.augmented, runner.batches(todo_augmented, augment_views=views),
-                    header={**runner.header(), "key": rows.augmented.pool.key},
-                    resume=runner.resumed and rows.augmented.header is not None, total=len(todo_augmented),
-                    desc=f"augment {backbone.name}", on_batch=tick)
+            seconds, seconds_augmented = compute_missing(runner, rows, todo=todo, todo_augmented=todo_augmented,
+                                                         key=key, views=views, name=backbone.name, on_batch=on_batch)
             runner.finish()
             write_output(out, inputs=inputs, manifest=manifest, rows=rows, precision_reason=precision_reason)
             result = stage_report(backbone=backbone, inputs=inputs, rows=rows, params=params, todo=todo,
@@ -297,6 +286,28 @@ def extract(*, backbone: Backbone, weights: Path, raw: Path, manifest: Path, out
                 result["reused"], result["dropped"],
                 f"; {result['images_per_second']} images/s" if result["images_per_second"] else "")
     return result
+
+
+def compute_missing(runner: Any, rows: Reusable, *, todo: list[ManifestRow], todo_augmented: list[ManifestRow],
+                    key: str, views: int, name: str,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """Compute the rows no earlier output or work file had, the images then their augmented views, each batch
+    durably in its work file before it joins the pool; return the compute seconds of each (0.0: nothing to do).
+    `on_batch(k)` after the k-th batch of either."""
+    counter = iter(range(1, 1 << 62))
+    tick = (lambda: on_batch(next(counter))) if on_batch is not None else None
+    seconds = seconds_augmented = 0.0
+    if todo:
+        seconds = record_batches(rows.main, runner.batches(todo), header={**runner.header(), "key": key},
+                                 resume=runner.resumed and rows.main.header is not None, total=len(todo),
+                                 desc=f"extract {name}", on_batch=tick)
+    if todo_augmented:
+        seconds_augmented = record_batches(
+            rows.augmented, runner.batches(todo_augmented, augment_views=views),
+            header={**runner.header(), "key": rows.augmented.pool.key},
+            resume=runner.resumed and rows.augmented.header is not None, total=len(todo_augmented),
+            desc=f"augment {name}", on_batch=tick)
+    return seconds, seconds_augmented
 
 
 def write_output(out: Path, *, inputs: StageInputs, manifest: Path, rows: Reusable, precision_reason: str) -> None:
