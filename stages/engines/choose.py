@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -312,16 +312,7 @@ def select_engine(model: nn.Module, candidates: Sequence[Candidate], batches: Se
     for name, entry in stats.items():
         costs[name] = costs.get(name, 0.0) + entry["warm_up_seconds"]
     selection["one_time_seconds"] = {k: round(v, 3) for k, v in costs.items()}
-    checks = {c.name: compare_features(outputs[reference.name], outputs[c.name]) for c in candidates
-              if c.name in engines and c != reference}
-    for name, check in checks.items():
-        if candidates[0].precision == "float32" and not within_parity(check):
-            selection["excluded"][name] = (f"features differ from eager float32 by more than {PARITY_TOLERANCE} x "
-                                           f"max(1, |value|): {check}")
-            logger.warning("%s excluded: %s", name, selection["excluded"][name])
-    allowed = [c for c in candidates if c.name in engines and c.name not in selection["excluded"]]
-    if candidates[0] not in allowed:
-        allowed.insert(0, candidates[0])
+    allowed, checks = _allowed_by_parity(candidates, engines, reference, outputs, selection)
     rates = {name: entry["images_per_second"] for name, entry in stats.items()}
     chosen, decided = choose(allowed, rates, costs=costs, n_todo=n_todo, noisy=rounds["noisy"])
     selection.update(decided)
@@ -345,6 +336,24 @@ def select_engine(model: nn.Module, candidates: Sequence[Candidate], batches: Se
         selection["compile"] = {"tried": False, "reason": f"{chosen.engine} compiles its own graph"}
     selection["threads_used"] = threads
     return engine, selection
+
+
+def _allowed_by_parity(candidates: Sequence[Candidate], engines: Mapping[str, Callable], reference: Candidate,
+                       outputs: Mapping[str, Any], selection: dict[str, Any]) -> tuple[list[Candidate], dict[str, Any]]:
+    """Compare each measured candidate's features with the reference's; at float32, a candidate beyond the parity
+    tolerance is excluded (in `selection["excluded"]`, with the reason). Returns (the candidates allowed, in order,
+    the requested one always among them and first when it was dropped; the checks by name)."""
+    checks = {c.name: compare_features(outputs[reference.name], outputs[c.name]) for c in candidates
+              if c.name in engines and c != reference}
+    for name, check in checks.items():
+        if candidates[0].precision == "float32" and not within_parity(check):
+            selection["excluded"][name] = (f"features differ from eager float32 by more than {PARITY_TOLERANCE} x "
+                                           f"max(1, |value|): {check}")
+            logger.warning("%s excluded: %s", name, selection["excluded"][name])
+    allowed = [c for c in candidates if c.name in engines and c.name not in selection["excluded"]]
+    if candidates[0] not in allowed:
+        allowed.insert(0, candidates[0])
+    return allowed, checks
 
 
 def _build_graph_engines(candidates: Sequence[Candidate], engines: dict[str, Callable], selection: dict[str, Any], *,
