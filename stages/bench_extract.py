@@ -210,6 +210,68 @@ def seeds_epoch(model: FeatureModel, files: Sequence[Path], labels: Sequence[int
     return time.perf_counter() - start
 
 
+def build_table_engines(candidates: Sequence[Candidate], *, model: nn.Module, graph: Any,
+                        threads: int) -> tuple[dict[str, Callable], dict[str, float]]:
+    """{name: engine} for every table candidate and {name: seconds it took to build}."""
+    engines: dict[str, Callable] = {}
+    costs: dict[str, float] = {}
+    for candidate in candidates:
+        start = time.perf_counter()
+        engines[candidate.name] = build_engine(candidate, model=model, graph=graph, layers=("pool",), threads=threads)
+        costs[candidate.name] = time.perf_counter() - start
+    return engines, costs
+
+
+def candidate_rows(engines: dict[str, Callable], outputs: dict[str, Any], rates: dict[str, float], *,
+                   costs: dict[str, float], stats: dict[str, dict[str, Any]], eager: str,
+                   stage_precision: str) -> list[dict[str, Any]]:
+    """One table row per engine: its model-only rate, whether the stage may choose it (the stage's precision and,
+    at float32, features within parity of eager float32), its largest difference from eager float32 and its
+    one-time cost (build + warm-up seconds)."""
+    rows = []
+    for engine_name in engines:
+        check = compare_features(outputs[eager], outputs[engine_name])
+        precision_of = engine_name.split("+")[2]
+        allowed = precision_of == stage_precision and (precision_of != "float32" or within_parity(check))
+        rows.append({"candidate": engine_name, "images_per_second": rates[engine_name], "allowed": allowed,
+                     "max_abs_diff": max(c["max_abs_diff"] for c in check.values()),
+                     "one_time_seconds": round(costs[engine_name] + stats[engine_name]["warm_up_seconds"], 3)})
+    return rows
+
+
+def pick_candidate(rows: Sequence[dict[str, Any]], rates: dict[str, float], allowed_names: set[str], *,
+                   n_todo: int) -> Candidate:
+    """The stage's choice (engines.choose.choose) among the rows named in `allowed_names`, eager contiguous first
+    (the baseline)."""
+    candidates = [Candidate(*r["candidate"].split("+")[:4]) for r in rows]
+    options = [c for c in candidates if c.name in allowed_names]
+    ordered = sorted(options, key=lambda c: (c.engine, c.layout) != ("torch", "contiguous"))
+    return choose(ordered, rates, costs={r["candidate"]: r["one_time_seconds"] for r in rows}, n_todo=n_todo)[0]
+
+
+def end_to_end_rates(engines: dict[str, Callable], names: Sequence[str], files: Sequence[Path], labels: Sequence[int],
+                     backbone: Backbone, batches: Sequence[torch.Tensor], *, batch_size: int, num_workers: int,
+                     keep: str) -> tuple[dict[str, dict[str, float]], np.ndarray, float]:
+    """End to end, per engine in `names`, measured back to back with its own bound (decode-only, then the stage's
+    loop, then model-only over the same images), so that a load change between engines does not enter the ratio.
+    Returns ({name: rates}, the features [N, D] and loop seconds of engine `keep`)."""
+    end_to_end = {}
+    for engine_name in names:
+        decode_rate = decode_only_rate(files, labels, backbone, batch_size=batch_size, num_workers=num_workers)
+        features, seconds = extract_loop(engines[engine_name], files, labels, backbone, batch_size=batch_size,
+                                         num_workers=num_workers)
+        with torch.inference_mode():
+            model_seconds = sum(_timed(engines[engine_name], batch, ("none",))[0] for batch in batches)
+        model_rate = len(files) / model_seconds
+        bound = 1 / (1 / model_rate + 1 / decode_rate)
+        end_to_end[engine_name] = {"images_per_second": len(files) / seconds, "decode_images_per_second": decode_rate,
+                                   "model_images_per_second": model_rate, "serial_bound": bound,
+                                   "fraction_of_bound": len(files) / seconds / bound, "seconds": seconds}
+        if engine_name == keep:
+            kept = features, seconds
+    return end_to_end, *kept
+
+
 def bench_backbone(name: str, files: Sequence[Path], labels: Sequence[int], *, batch_size: int, epochs: int,
                    capability: dict[str, Any], num_workers: int, graphs: Path, precision: str) -> dict[str, Any]:
     """All measurements for one backbone (see the module docstring)."""
@@ -225,56 +287,26 @@ def bench_backbone(name: str, files: Sequence[Path], labels: Sequence[int], *, b
 
     key = graph_key(backbone=name, weights_sha256=weights_id, layers=("pool",), input_size=backbone.preprocess.input_size)
     graph, export = export_graph(model, key=key, cache=graphs)
-    engines: dict[str, Callable] = {}
-    costs: dict[str, float] = {}
-    for candidate in table_candidates(device, capability):
-        start = time.perf_counter()
-        engines[candidate.name] = build_engine(candidate, model=model, graph=graph, layers=("pool",), threads=cores)
-        costs[candidate.name] = time.perf_counter() - start
+    engines, costs = build_table_engines(table_candidates(device, capability), model=model, graph=graph,
+                                         threads=cores)
     with torch.inference_mode():
         stats, outputs, rounds = measure(engines, batches[:2], views=("none",))  # the stage's measurement
         rates = model_only_rates(engines, batches)
     eager = "torch+cpu+float32+contiguous" if device == "cpu" else f"torch+{device}+float32+contiguous"
-    rows = []
-    for engine_name in engines:
-        check = compare_features(outputs[eager], outputs[engine_name])
-        precision_of = engine_name.split("+")[2]
-        allowed = precision_of == stage_precision and (precision_of != "float32" or within_parity(check))
-        rows.append({"candidate": engine_name, "images_per_second": rates[engine_name], "allowed": allowed,
-                     "max_abs_diff": max(c["max_abs_diff"] for c in check.values()),
-                     "one_time_seconds": round(costs[engine_name] + stats[engine_name]["warm_up_seconds"], 3)})
-    candidates = [Candidate(*r["candidate"].split("+")[:4]) for r in rows]
-
-    def pick(allowed_names: set[str]) -> Candidate:
-        options = [c for c in candidates if c.name in allowed_names]  # eager contiguous first: the baseline
-        ordered = sorted(options, key=lambda c: (c.engine, c.layout) != ("torch", "contiguous"))
-        return choose(ordered, rates, costs={r["candidate"]: r["one_time_seconds"] for r in rows},
-                      n_todo=len(files))[0]
-
+    rows = candidate_rows(engines, outputs, rates, costs=costs, stats=stats, eager=eager,
+                          stage_precision=stage_precision)
     allowed = {r["candidate"] for r in rows if r["allowed"]} | ({eager} if stage_precision == "float32" else set())
-    auto = pick(allowed)
-    exact = pick({r["candidate"] for r in rows if r["candidate"].split("+")[2] == "float32"
-                  and within_parity(compare_features(outputs[eager], outputs[r["candidate"]]))})
+    auto = pick_candidate(rows, rates, allowed, n_todo=len(files))
+    exact = pick_candidate(rows, rates, {r["candidate"] for r in rows if r["candidate"].split("+")[2] == "float32"
+                                         and within_parity(compare_features(outputs[eager], outputs[r["candidate"]]))},
+                           n_todo=len(files))
     for row in rows:
         row["chosen"] = row["candidate"] == auto.name
     fastest_allowed = max(rates[n] for n in allowed)
 
-    # End to end, per engine, measured back to back with its own bound (decode-only, then the stage's loop, then
-    # model-only over the same images), so that a load change between engines does not enter the ratio.
-    end_to_end = {}
-    for engine_name in sorted(allowed | {exact.name}, key=lambda n: -rates[n]):
-        decode_rate = decode_only_rate(files, labels, backbone, batch_size=batch_size, num_workers=num_workers)
-        features, seconds = extract_loop(engines[engine_name], files, labels, backbone, batch_size=batch_size,
-                                         num_workers=num_workers)
-        with torch.inference_mode():
-            model_seconds = sum(_timed(engines[engine_name], batch, ("none",))[0] for batch in batches)
-        model_rate = len(files) / model_seconds
-        bound = 1 / (1 / model_rate + 1 / decode_rate)
-        end_to_end[engine_name] = {"images_per_second": len(files) / seconds, "decode_images_per_second": decode_rate,
-                                   "model_images_per_second": model_rate, "serial_bound": bound,
-                                   "fraction_of_bound": len(files) / seconds / bound, "seconds": seconds}
-        if engine_name == auto.name:
-            auto_features, auto_seconds = features, seconds
+    end_to_end, auto_features, auto_seconds = end_to_end_rates(
+        engines, sorted(allowed | {exact.name}, key=lambda n: -rates[n]), files, labels, backbone, batches,
+        batch_size=batch_size, num_workers=num_workers, keep=auto.name)
 
     flops = flops_per_image(model, backbone.preprocess.input_size)
     ceiling = matmul_ceiling(DTYPES[auto.precision]) if device == "cpu" else None
@@ -297,6 +329,35 @@ def bench_backbone(name: str, files: Sequence[Path], labels: Sequence[int], *, b
 
 
 # ------------------------------------------------------------------------------------ output
+def _fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: "-" for None, floats with thousands separators to `digits` places."""
+    return "-" if value is None else (f"{value:,.{digits}f}" if isinstance(value, float) else str(value))
+
+
+def summary_cells(results: Sequence[dict[str, Any]], *, header: dict[str, Any],
+                  ) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
+    """The ratio lines under the candidate table: (label, the cell of one backbone's result)."""
+    return [
+        ("weights", lambda r: r["weights"].split(" (")[0]),
+        ("ONNX export (cached after)", lambda r: "cached" if r["graph_export"]["cached"]
+         else f"{r['graph_export']['export_seconds']:.1f} s"),
+        ("auto engine", lambda r: r["auto"]),
+        ("auto / fastest allowed (>= 0.95)", lambda r: _fmt(r["auto_over_fastest_allowed"]) + "x"),
+        ("auto / eager fp32", lambda r: _fmt(r["auto_over_eager"]) + "x"),
+        ("exact-fp32 auto / eager fp32 (>= 2)", lambda r: _fmt(r["exact_over_eager"]) + "x"),
+        ("decode only img/s (before the auto run)", lambda r: _fmt(r["decode_images_per_second"], 1)),
+        *[(f"end to end / serial bound, {engine.split('+')[0]}+{engine.split('+')[3]}",
+           (lambda e: lambda r: _fmt(r["end_to_end"][e]["fraction_of_bound"]) + "x" if e in r["end_to_end"] else "-")(engine))
+          for engine in dict.fromkeys(e for r in results for e in r["end_to_end"])],
+        ("end to end img/s, auto", lambda r: _fmt(r["end_to_end"][r["auto"]]["images_per_second"], 1)),
+        ("achieved GFLOP/s, auto (of matmul ceiling)", lambda r: f"{_fmt(r['achieved_gflops'], 1)} "
+         f"({_fmt(100 * r['fraction_of_ceiling'], 0)}%)" if r["fraction_of_ceiling"] else "-"),
+        (f"seeds: {header['epochs']} epochs, s", lambda r: _fmt(r["seeds_seconds"], 1)),
+        ("extract once (export + run + head), s", lambda r: _fmt(r["extract_once_seconds"], 1)),
+        ("seeds / extract once", lambda r: _fmt(r["seeds_over_extract_once"], 1) + "x"),
+    ]
+
+
 def format_table(results: Sequence[dict[str, Any]], *, capability: dict[str, Any], header: dict[str, Any]) -> str:
     """The benchmark as plain text: the CPU flags, the candidate table per backbone, then the ratios."""
     yes = {True: "yes", False: "no"}
@@ -323,28 +384,7 @@ def format_table(results: Sequence[dict[str, Any]], *, capability: dict[str, Any
         lines.append(candidate.ljust(width) + "".join(c.rjust(w) for c, w in zip(cells, columns)))
     lines.append("")
 
-    def fmt(value: Any, digits: int = 2) -> str:
-        return "-" if value is None else (f"{value:,.{digits}f}" if isinstance(value, float) else str(value))
-
-    summary: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-        ("weights", lambda r: r["weights"].split(" (")[0]),
-        ("ONNX export (cached after)", lambda r: "cached" if r["graph_export"]["cached"]
-         else f"{r['graph_export']['export_seconds']:.1f} s"),
-        ("auto engine", lambda r: r["auto"]),
-        ("auto / fastest allowed (>= 0.95)", lambda r: fmt(r["auto_over_fastest_allowed"]) + "x"),
-        ("auto / eager fp32", lambda r: fmt(r["auto_over_eager"]) + "x"),
-        ("exact-fp32 auto / eager fp32 (>= 2)", lambda r: fmt(r["exact_over_eager"]) + "x"),
-        ("decode only img/s (before the auto run)", lambda r: fmt(r["decode_images_per_second"], 1)),
-        *[(f"end to end / serial bound, {engine.split('+')[0]}+{engine.split('+')[3]}",
-           (lambda e: lambda r: fmt(r["end_to_end"][e]["fraction_of_bound"]) + "x" if e in r["end_to_end"] else "-")(engine))
-          for engine in dict.fromkeys(e for r in results for e in r["end_to_end"])],
-        ("end to end img/s, auto", lambda r: fmt(r["end_to_end"][r["auto"]]["images_per_second"], 1)),
-        ("achieved GFLOP/s, auto (of matmul ceiling)", lambda r: f"{fmt(r['achieved_gflops'], 1)} "
-         f"({fmt(100 * r['fraction_of_ceiling'], 0)}%)" if r["fraction_of_ceiling"] else "-"),
-        (f"seeds: {header['epochs']} epochs, s", lambda r: fmt(r["seeds_seconds"], 1)),
-        ("extract once (export + run + head), s", lambda r: fmt(r["extract_once_seconds"], 1)),
-        ("seeds / extract once", lambda r: fmt(r["seeds_over_extract_once"], 1) + "x"),
-    ]
+    summary = summary_cells(results, header=header)
     label_width = max(len(label) for label, _ in summary) + 2
     for label, cell in summary:
         lines.append(label.ljust(label_width) + "".join(cell(r).rjust(w) for r, w in zip(results, columns)))
