@@ -41,13 +41,10 @@ Outputs (predictions are the argmax of the probabilities everywhere; every accur
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +56,14 @@ from torch import nn
 
 from stages.backbones import (WeightsError, build_model, classifier_path, get_backbone, load_weights,
                               module_version, replace_module)
-from stages.io import setup_logging, sha256_file, write_json, write_text
+from stages.io import setup_logging, sha256_file, write_json
 from stages.features import FeatureFile, FeaturesError, ProvenanceError, read_checked, views_per_image  # noqa: F401 (ProvenanceError: part of head's errors)
-from stages.evaluation import (Predictions, ProtocolError, draw_few_shot, heldout_split, normalize_blocks,
-                               predictions_from_proba, selection_rows, spread, stratified_folds,
-                               stratified_subsample, write_predictions)
+from stages.evaluation import (ProtocolError, draw_few_shot, heldout_split, normalize_blocks, selection_rows, spread,
+                               stratified_folds, stratified_subsample)
 from stages.metrics import classification_metrics
-from stages.model_card import model_card
+from stages.head_outputs import write_head_reports
 from stages.neighbours import cosine_search, knn_vote
 from stages.params import HeadParams, ParamError, load_params
-from stages.plots import write_plots
 from stages.probes import (Candidate, Probe, ProbeError, Score, choose, export_head, fit_recording, probe_pipeline,
                            sweep_C, verify_export)
 from stages.export import (build_export, classifier_from_export, onnx_path_for, preprocess_from,
@@ -144,16 +139,6 @@ def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> 
                         f"{'+'.join(model.layers)} of "
                         f"{model.name} gives {produced}; the file is damaged or was not written by the extract "
                         f"stage. Delete it and re-run `dvc repro extract`.")
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-def write_errors_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Misclassified images: path,true,predicted,prob sorted by path (prob: probability of the prediction)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=("path", "true", "predicted", "prob"), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: r["path"]))
-    write_text(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -430,6 +415,52 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
             "knn": knn, "few_shot": few_shot, "predictions": predictions}
 
 
+def export_probe(chosen: Probe, *, dataset: Dataset, heldout: np.ndarray, inputs: dict[str, Any],
+                 result: dict[str, Any]) -> dict[str, Any]:
+    """classifier.pt's dict for a fitted probe, checked against the probe on (up to EXPORT_CHECK_ROWS) held-out
+    features and against the backbone's feature width. `inputs`: backbone, state, classifier, attrs, classes,
+    provenance, features_path (run_head's)."""
+    layers = list(chosen.candidate.layers)
+    features = dataset.eval_set(layers, "none", heldout[:EXPORT_CHECK_ROWS])
+    head_spec = export_head(chosen)
+    verify_export(head_spec, chosen, features)
+    backbone, attrs = inputs["backbone"], inputs["attrs"]
+    export = build_export(
+        backbone_name=backbone.name, backbone_state=inputs["state"], layers=layers,
+        backbone_spec={"arch": backbone.arch, "classifier": inputs["classifier"],
+                       "build_kwargs": dict(backbone.build_kwargs), "preprocess": attrs.get("preprocess"),
+                       "tta": list(attrs.get("tta") or ["none"]), "precision": attrs.get("precision") or "float32"},
+        classes=inputs["classes"], head_spec=head_spec,
+        provenance={"features": inputs["provenance"], "chosen": chosen.candidate.as_dict(),
+                    "selection": result["selection"]["method"], "heldout_split": result["heldout_split"],
+                    "versions": {"torch": str(torch.__version__), "sklearn": module_version("sklearn")}})
+    check_feature_dim(export, int(features.shape[1]), inputs["features_path"])
+    return export
+
+
+def head_metrics(result: dict[str, Any], *, backbone_name: str, provenance: dict[str, Any],
+                 audit: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json's content from the protocol's result."""
+    probe, best = result["probe"], result["best"]
+    layers = list(best.candidate.layers)
+    warnings_ = list(dict.fromkeys([m for s in result["scores"] for m in s.warnings] + probe.warnings))
+    metrics = {
+        "backbone": backbone_name, "head": best.candidate.kind, "layers": layers,
+        "normalization": best.candidate.normalization, "C": best.candidate.C,
+        "heldout_split": result["heldout_split"],
+        "heldout": next(s["heldout"] for s in result["feature_sets"] if s["layers"] == layers),  # the chosen set's
+        "selection": result["selection"], "feature_sets": result["feature_sets"], "knn": result["knn"],
+        "few_shot": result["few_shot"],
+        "train_seconds": round(probe.train_seconds, 4), "feature_dim": int(sum(probe.block_dims)),
+        "probe_device": getattr(probe.model[-1], "device_", "cpu"),
+        "n_selection": int(result["selection"]["n"]),
+        "n_heldout": int(len(result["heldout_rows"])), "converged": not warnings_, "warnings": warnings_,
+        "probabilities": probe.probabilities, "features": provenance}
+    if audit is not None:
+        metrics["audit"] = {**audit, "n_dropped_from_heldout": len(audit["dropped_from_heldout"])}
+    return metrics
+
+
 def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, weights_path: Path, raw_dir: Path,
              model_path: Path, reports_dir: Path, params: HeadParams,
              custom: dict[str, Any] | None = None, audit_path: Path | None = None) -> dict[str, Any]:
@@ -445,77 +476,30 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
     dataset, audit = drop_audited_heldout(arrange(data), audit_path)  # --audit: the audit stage's decision
     feature_sets = resolve_feature_sets(params.feature_sets, data.attrs, list(dataset.images), features_path)
     result = evaluate_protocol(dataset, classes, params, feature_sets)
-    probe, heldout, best = result["probe"], result["heldout_rows"], result["best"]
-    layers = list(best.candidate.layers)
-    proba = result["predictions"]["probe"]
-    y_heldout = dataset.labels[heldout]
-
+    heldout = result["heldout_rows"]
     state, classifier = backbone_export(backbone, weights_path)
     provenance = {  # the features file and what it was computed from
         "path": str(features_path), "sha256": sha256_file(features_path),
         "weights": str(weights_path), "manifest": str(manifest_path), **hashes,
         **{key: data.attrs.get(key) for key in ("storage_dtype", "precision", "preprocess", "tta", "tta_mode")},
         "n_images": len(dataset.labels), "augmented_rows": int(len(data.augmented_source))}
-
-    def export_of(chosen: Probe) -> dict[str, Any]:
-        """classifier.pt's dict for a fitted probe, checked against the probe on the held-out features."""
-        chosen_layers = list(chosen.candidate.layers)
-        chosen_features = dataset.eval_set(chosen_layers, "none", heldout[:EXPORT_CHECK_ROWS])
-        head_spec = export_head(chosen)
-        verify_export(head_spec, chosen, chosen_features)
-        export = build_export(
-            backbone_name=backbone_name, backbone_state=state, layers=chosen_layers,
-            backbone_spec={"arch": backbone.arch, "classifier": classifier,
-                           "build_kwargs": dict(backbone.build_kwargs), "preprocess": data.attrs.get("preprocess"),
-                           "tta": list(data.attrs.get("tta") or ["none"]),
-                           "precision": data.attrs.get("precision") or "float32"},
-            classes=classes, head_spec=head_spec,
-            provenance={"features": provenance, "chosen": chosen.candidate.as_dict(),
-                        "selection": result["selection"]["method"], "heldout_split": result["heldout_split"],
-                        "versions": {"torch": str(torch.__version__), "sklearn": module_version("sklearn")}})
-        check_feature_dim(export, int(chosen_features.shape[1]), features_path)
-        return export
-
-    export = export_of(probe)
+    inputs = {"backbone": backbone, "state": state, "classifier": classifier, "attrs": data.attrs,
+              "classes": classes, "provenance": provenance, "features_path": features_path}
+    export = export_probe(result["probe"], dataset=dataset, heldout=heldout, inputs=inputs, result=result)
     save_export(model_path, export)
     save_onnx(onnx_path_for(model_path), export, images=read_sample_images(  # checked on held-out images
         raw_dir, [dataset.paths[i] for i in heldout], preprocess_from(export["backbone"]["preprocess"])))
     # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
     # the best pool-only candidate of the same selection, or the chosen probe when pool alone was not offered.
-    save_export(model_path.parent / "probe_pool.pt", export_of(result["probes"].get(("pool",), probe)))
-
-    warnings_ = list(dict.fromkeys([m for s in result["scores"] for m in s.warnings] + probe.warnings))
-    metrics = {
-        "backbone": backbone_name, "head": best.candidate.kind, "layers": layers,
-        "normalization": best.candidate.normalization, "C": best.candidate.C,
-        "heldout_split": result["heldout_split"],
-        "heldout": next(s["heldout"] for s in result["feature_sets"] if s["layers"] == layers),  # the chosen set's
-        "selection": result["selection"], "feature_sets": result["feature_sets"], "knn": result["knn"],
-        "few_shot": result["few_shot"],
-        "train_seconds": round(probe.train_seconds, 4), "feature_dim": int(sum(probe.block_dims)),
-        "probe_device": getattr(probe.model[-1], "device_", "cpu"),
-        "n_selection": int(result["selection"]["n"]),
-        "n_heldout": int(len(heldout)), "converged": not warnings_, "warnings": warnings_,
-        "probabilities": probe.probabilities, "features": provenance}
-    if audit is not None:
-        metrics["audit"] = {**audit, "n_dropped_from_heldout": len(audit["dropped_from_heldout"])}
+    pool_probe = result["probes"].get(("pool",), result["probe"])
+    save_export(model_path.parent / "probe_pool.pt",
+                export_probe(pool_probe, dataset=dataset, heldout=heldout, inputs=inputs, result=result))
+    metrics = head_metrics(result, backbone_name=backbone_name, provenance=provenance, audit=audit)
     write_json(reports_dir / "metrics.json", metrics)
-    counts = {str(split): dict(Counter(classes[label] for label in dataset.labels[dataset.split == split]))
-              for split in np.unique(dataset.split)}
-    write_text(model_path.parent / "MODEL_CARD.md", model_card(
-        backbone_name=backbone_name, metrics=metrics, classes=classes, split_counts=counts,
-        preprocess=data.attrs.get("preprocess"), weights_path=weights_path, model_path=model_path))
-    write_predictions(reports_dir / "predictions.json", Predictions(
-        split=result["heldout_split"], classes=classes, paths=[dataset.paths[i] for i in heldout], labels=y_heldout,
-        rows={name: predictions_from_proba(p) for name, p in result["predictions"].items()}))
-    predicted = proba.argmax(1)
-    write_errors_csv(reports_dir / "errors.csv", [
-        {"path": dataset.paths[i], "true": classes[t], "predicted": classes[p], "prob": f"{proba[n, p]:.6f}"}
-        for n, (i, t, p) in enumerate(zip(heldout, y_heldout, predicted)) if t != p])
-    write_plots(reports_dir / "plots", y_true=y_heldout, proba=proba, classes=classes, ece_bins=params.ece_bins,
-                title=f"{backbone_name} {best.candidate.kind}", split=result["heldout_split"])
+    write_head_reports(reports_dir, model_path, metrics=metrics, result=result, labels=dataset.labels,
+                       split=dataset.split, paths=dataset.paths, classes=classes, params=params,
+                       preprocess=data.attrs.get("preprocess"), weights_path=weights_path)
     return metrics
-
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
