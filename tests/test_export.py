@@ -146,8 +146,9 @@ def test_predict_with_onnxruntime_prints_what_torch_prints(stage: dict, capsys: 
         outputs[engine] = json.loads(capsys.readouterr().out)
     torch_out, onnx_out = outputs["torch"], outputs["onnxruntime"]
     assert onnx_out["model"] == str(stage["onnx"]) and torch_out["model"] == str(stage["model"])
-    assert {k: v for k, v in onnx_out.items() if k not in ("model", "predictions")} == {
-        k: v for k, v in torch_out.items() if k not in ("model", "predictions")}
+    assert (torch_out["engine"], onnx_out["engine"]) == ("torch", "onnxruntime")
+    assert {k: v for k, v in onnx_out.items() if k not in ("model", "engine", "predictions")} == {
+        k: v for k, v in torch_out.items() if k not in ("model", "engine", "predictions")}
     assert len(torch_out["predictions"]) == 8
     for a, b in zip(torch_out["predictions"], onnx_out["predictions"]):
         assert (a["path"], a["class"], [t["class"] for t in a["topk"]]) == (
@@ -172,7 +173,7 @@ def test_a_missing_onnx_names_the_file_and_the_stage_to_run(stage: dict, tmp_pat
         ex.load_onnx(tmp_path / "models" / "finetune" / "tiny" / "classifier.pt")
     caplog.clear()
     with caplog.at_level(logging.ERROR):  # the torch engine given a .onnx
-        assert predict.main([image, "--model", str(stage["onnx"])]) == 1
+        assert predict.main([image, "--model", str(stage["onnx"]), "--engine", "torch"]) == 1
     assert f"{stage['onnx']} is an ONNX model: run it with --engine onnxruntime" in caplog.text
 
 
