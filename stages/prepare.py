@@ -378,41 +378,16 @@ def prepare_dataset(raw: Path, params: Params, *, num_workers: int) -> Prepared:
     check_heldout(scan.split_folders, p, raw=raw)  # before decoding: it depends on the layout and params only
     decoded = decode_all(raw, [c.path for c in scan.candidates], stats_size=p.stats_size,
                          num_workers=num_workers)
-    quarantine = [{"path": r["path"], "class": r.get("class"), "split": r.get("split"), "sha256": None,
-                   "reason": r["reason"]} for r in scan.rejected]
-    valid: list[tuple[Candidate, Decoded]] = []
-    for cand, dec in zip(scan.candidates, decoded):
-        if dec.reason is None:
-            valid.append((cand, dec))
-        else:
-            quarantine.append({"path": cand.path, "class": cand.cls, "split": cand.split, "sha256": dec.sha256,
-                               "reason": dec.reason})
-    quarantine.sort(key=lambda q: q["path"])
-    for q in quarantine:
-        logger.warning("quarantined %s: %s", q["path"], q["reason"])
-
+    valid, quarantine = sort_decoded(scan, decoded)
     classes = list(scan.classes)
     if len(classes) < 2:
         raise PrepareError(f"{raw}: found {len(classes)} class folder(s) {classes}; a classifier needs at "
                            f"least 2 (layout <class>/<image> or <split>/<class>/<image>).")
     splits, duplicates, method = assign_splits(valid, split_folders=scan.split_folders, params=p)
     kept = [(c, d) for c, d in valid if c.path in splits]
-
     counts = {s: Counter(c.cls for c, _ in kept if splits[c.path] == s) for s in SPLITS}
-    drawn = drawn_splits(scan.split_folders, p)
-    required = {"train"} | set(scan.split_folders) | set(drawn)
-    for split in SPLITS:
-        if split in required and not counts[split]:
-            fix = (f"Add images, or raise prepare.{split}_fraction (each class gives round-half-up(its distinct "
-                   f"files x {split}_fraction) to {split})" if split in drawn else "Add images")
-            raise PrepareError(
-                f"{raw}: the {split} split has no images ({len(valid)} valid images in all, {len(quarantine)} "
-                f"quarantined; split from {method}). {fix}.")
-    no_train = [c for c in classes if not counts["train"][c]]
-    if no_train:
-        raise PrepareError(f"{raw}: class(es) {no_train} have no valid training images; every class needs "
-                           f"some (see reports/prepare/quarantine.json for files that were rejected).")
-
+    check_split_counts(counts, classes, raw=raw, scan=scan, params=p,
+                       n_valid=len(valid), n_quarantined=len(quarantine), method=method)
     label = {c: i for i, c in enumerate(classes)}
     manifest = [{"path": c.path, "class": c.cls, "label": label[c.cls], "split": splits[c.path],
                  "sha256": d.sha256, "width": d.width, "height": d.height}
@@ -421,24 +396,7 @@ def prepare_dataset(raw: Path, params: Params, *, num_workers: int) -> Prepared:
     stats = {**train_stats, "split": "train", "units": "RGB in [0, 1]", "stats_size": p.stats_size,
              "transform": f"resize short side to {p.stats_size} (bilinear, antialiased), centre crop "
                           f"{p.stats_size}x{p.stats_size}"}
-
-    formats = Counter("JPEG" if d.format in JPEG_FORMATS else d.format for _, d in kept)
-    usual = min(formats, key=lambda f: (-formats[f], f != "JPEG", str(f)))  # ties: JPEG, then by name
-    warnings: list[dict[str, Any]] = []
-    for cand, dec in kept:
-        if issues := image_warnings(cand, dec, usual_format=usual):
-            warnings.append({"path": cand.path, "issues": issues})
-    for split in ("val", "test"):
-        missing = [c for c in classes if counts[split].total() and not counts[split][c]]
-        if missing:
-            warnings.append({"path": None, "issues": [f"class(es) {missing} have no {split} images"]})
-    for group in duplicates:
-        if len(group["classes"]) > 1:
-            warnings.append({"path": None, "issues": [f"identical files under different classes "
-                                                      f"{group['classes']}: {group['paths']}"]})
-    for w in warnings:
-        logger.warning("%s: %s", w["path"] or raw, "; ".join(w["issues"]))
-
+    warnings = dataset_warnings(kept, counts, classes, duplicates, raw=raw)
     summary = {
         "n_images": len(manifest),
         "n_classes": len(classes),
@@ -458,6 +416,64 @@ def prepare_dataset(raw: Path, params: Params, *, num_workers: int) -> Prepared:
         "duplicates": duplicates[:MAX_LISTED_WARNINGS],
     }
     return Prepared(manifest, classes, stats, summary, quarantine)
+
+
+def sort_decoded(scan: Scan, decoded: Sequence[Decoded]) -> tuple[list[tuple[Candidate, Decoded]], list[dict[str, Any]]]:
+    """Split the decoded candidates into valid ones and the quarantine (scan rejects + undecodable), sorted by path."""
+    quarantine = [{"path": r["path"], "class": r.get("class"), "split": r.get("split"), "sha256": None,
+                   "reason": r["reason"]} for r in scan.rejected]
+    valid: list[tuple[Candidate, Decoded]] = []
+    for cand, dec in zip(scan.candidates, decoded):
+        if dec.reason is None:
+            valid.append((cand, dec))
+        else:
+            quarantine.append({"path": cand.path, "class": cand.cls, "split": cand.split, "sha256": dec.sha256,
+                               "reason": dec.reason})
+    quarantine.sort(key=lambda q: q["path"])
+    for q in quarantine:
+        logger.warning("quarantined %s: %s", q["path"], q["reason"])
+    return valid, quarantine
+
+
+def check_split_counts(counts: dict[str, Counter], classes: Sequence[str], *, raw: Path, scan: Scan,
+                       params: PrepareParams, n_valid: int, n_quarantined: int, method: str) -> None:
+    """Raise PrepareError when a split that must exist is empty or a class has no training image."""
+    drawn = drawn_splits(scan.split_folders, params)
+    required = {"train"} | set(scan.split_folders) | set(drawn)
+    for split in SPLITS:
+        if split in required and not counts[split]:
+            fix = (f"Add images, or raise prepare.{split}_fraction (each class gives round-half-up(its distinct "
+                   f"files x {split}_fraction) to {split})" if split in drawn else "Add images")
+            raise PrepareError(
+                f"{raw}: the {split} split has no images ({n_valid} valid images in all, {n_quarantined} "
+                f"quarantined; split from {method}). {fix}.")
+    no_train = [c for c in classes if not counts["train"][c]]
+    if no_train:
+        raise PrepareError(f"{raw}: class(es) {no_train} have no valid training images; every class needs "
+                           f"some (see reports/prepare/quarantine.json for files that were rejected).")
+
+
+def dataset_warnings(kept: Sequence[tuple[Candidate, Decoded]], counts: dict[str, Counter], classes: Sequence[str],
+                     duplicates: Sequence[dict[str, Any]], *, raw: Path) -> list[dict[str, Any]]:
+    """Per-image warnings (unusual format, size, ...), classes missing from val/test, identical files across
+    classes; each logged."""
+    formats = Counter("JPEG" if d.format in JPEG_FORMATS else d.format for _, d in kept)
+    usual = min(formats, key=lambda f: (-formats[f], f != "JPEG", str(f)))  # ties: JPEG, then by name
+    warnings: list[dict[str, Any]] = []
+    for cand, dec in kept:
+        if issues := image_warnings(cand, dec, usual_format=usual):
+            warnings.append({"path": cand.path, "issues": issues})
+    for split in ("val", "test"):
+        missing = [c for c in classes if counts[split].total() and not counts[split][c]]
+        if missing:
+            warnings.append({"path": None, "issues": [f"class(es) {missing} have no {split} images"]})
+    for group in duplicates:
+        if len(group["classes"]) > 1:
+            warnings.append({"path": None, "issues": [f"identical files under different classes "
+                                                      f"{group['classes']}: {group['paths']}"]})
+    for w in warnings:
+        logger.warning("%s: %s", w["path"] or raw, "; ".join(w["issues"]))
+    return warnings
 
 
 def manifest_csv(rows: Sequence[dict[str, Any]]) -> str:
