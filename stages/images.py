@@ -1,7 +1,20 @@
 """Image decoding and preprocessing shared by prepare, extract, finetune and predict.
 
-One decoder for the whole project: EXIF orientation applied; grayscale, palette, CMYK, 16-bit and
-alpha images converted to 8-bit RGB; decompression bombs refused.
+One decoder for the whole project (`load_rgb`; prepare's mean/std and hashes, extract, finetune, audit,
+predict and the report's thumbnails all decode through it). The rule, in order:
+
+1. Images over MAX_PIXELS are refused (decompression bomb guard); undecodable files raise ImageDecodeError.
+2. EXIF orientation is applied (PIL.ImageOps.exif_transpose), so width/height are as displayed.
+3. Depth to 8 bits (`_to_rgb8`):
+   - 16-bit grayscale (I;16, I;16B, I;16L: 16-bit PNG and TIFF) -> round(v / 257): 0 -> 0, 65535 -> 255.
+   - 32-bit integer (I) -> kept when every value is in [0, 255], else read as 16-bit (round(v / 257)); clipped.
+   - 32-bit float (F) -> read as [0, 1] (round(v * 255)) when every value is in [0, 1], else as [0, 255];
+     clipped, NaN -> 0.
+   - 16-bit RGB PNG/TIFF are reduced to 8-bit RGB by Pillow when it opens them.
+4. Transparency (RGBA, LA, PA, palette with tRNS, L/RGB with a tRNS colour) is composited over a white
+   background (BACKGROUND); a fully transparent pixel becomes white.
+5. Everything else (L, 1, P, CMYK, YCbCr, ...) goes through PIL's `convert("RGB")`; CMYK is converted by
+   Pillow's naive formula (an embedded ICC profile is not applied).
 """
 from __future__ import annotations
 
@@ -26,6 +39,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", 
 MAX_PIXELS = 90_000_000  # refuse larger images (PIL's own guard is a warning up to 2x its limit)
 AUGMENT_SCALE = (0.35, 1.0)  # RandomResizedCrop area fraction of the augmented training views
 MANIFEST_FIELDS = ("path", "class", "label", "split", "sha256", "width", "height")
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over
 _SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 or 270 degrees
 
 
@@ -60,12 +74,15 @@ def load_rgb(source: str | Path | BinaryIO, *,
                     raise ImageDecodeError(f"{image.width}x{image.height} is over the "
                                            f"{MAX_PIXELS:,}-pixel limit (decompression bomb guard)")
                 width, height = image.size
-                if draft_size and fmt == "JPEG":
+                orientation = image.getexif().get(0x0112, 1)  # before load: Pillow applies TIFF's own on load
+                drafted = bool(draft_size) and fmt == "JPEG"
+                if drafted:
                     image.draft("RGB", (draft_size, draft_size))
                 image.load()
-                orientation = image.getexif().get(0x0112, 1)
                 image = ImageOps.exif_transpose(image)
                 rgb = _to_rgb8(image)
+                if not drafted:
+                    width, height = rgb.size
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -74,26 +91,36 @@ def load_rgb(source: str | Path | BinaryIO, *,
         raise ImageDecodeError("not an image: no decoder recognises its contents") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
         raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from None
-    if orientation in _SWAPS_SIDES:
+    if drafted and orientation in _SWAPS_SIDES:
         width, height = height, width
     return rgb, {"format": fmt, "mode": mode, "rotated": orientation not in (0, 1),
                  "width": width, "height": height}
 
 
 def _to_rgb8(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; alpha is composited on white, 16-bit is scaled."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        array = np.clip(np.round(array / scale * 255.0), 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+    """Convert any PIL mode to 8-bit RGB by the module's rule: depth to 8 bits, alpha over BACKGROUND."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = Image.fromarray(_depth_to_uint8(image), mode="L")
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", image.size, BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return image.convert("RGB")
+
+
+def _depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W] of a 16-bit, 32-bit integer or float grayscale image (step 3 of the module's rule)."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        array = np.nan_to_num(array, nan=0.0)
+        if array.size and array.min() >= 0.0 and array.max() <= 1.0:
+            array = array * 255.0
+    elif image.mode.startswith("I;16") or (array.size and (array.max() > 255 or array.min() < 0)):
+        array = array / 257.0
+    return np.clip(np.round(array), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from stages.images import load_rgb
 from stages.io import atomic_path, read_json, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -152,18 +153,12 @@ def file_uri(path: Path, mime: str = "image/png") -> str | None:
 
 
 def make_thumbnail(image_path: Path, *, size: int = THUMB_SIZE, quality: int = THUMB_QUALITY) -> bytes:
-    """JPEG bytes of the image shrunk to at most `size` px a side (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(image_path) as image:
-        image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at a reduced scale, much faster
-        image = ImageOps.exif_transpose(image)
-        if image.mode != "RGB":
-            image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" \
-                else image.convert("RGB")
-        image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    """JPEG bytes of the image shrunk to at most `size` px a side, decoded by the project's one rule
+    (stages.images.load_rgb: EXIF orientation, 16-bit, CMYK, alpha over white)."""
+    image, _ = load_rgb(image_path, draft_size=2 * size)  # JPEG: decoded at a reduced scale, much faster
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
     return buffer.getvalue()
 
 

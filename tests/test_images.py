@@ -92,6 +92,96 @@ def test_to_rgb8_32bit_integer_image_in_8bit_range_is_not_rescaled() -> None:
     assert np.asarray(_to_rgb8(image))[0, :, 1].tolist() == [0, 100, 255]
 
 
+def mode_files(root: Path, side: int = 4) -> dict[str, tuple[int, int, int]]:
+    """One generated `side` x `side` file per colour mode and format the decode rule names; returns
+    {name: expected RGB} of the pixel at (row 1, column 1) after decoding (JPEG within a rounding tolerance)."""
+    root.mkdir(parents=True, exist_ok=True)
+    size = (side, side)
+    gray16 = np.full(size, 32896, dtype=np.uint16)  # 32896 / 257 = 128
+    Image.new("L", size, 77).save(root / "l.png")
+    Image.new("LA", size, (100, 0)).save(root / "la_clear.png")  # fully transparent: white
+    Image.new("LA", size, (100, 255)).save(root / "la_opaque.png")
+    Image.fromarray(gray16).save(root / "gray16.png")
+    Image.fromarray(gray16).save(root / "gray16.tif")
+    Image.fromarray(np.full(size, 200, dtype=np.int32), mode="I").save(root / "int32_8bit.tif")
+    Image.fromarray(np.full(size, 65535, dtype=np.int32), mode="I").save(root / "int32_16bit.tif")
+    Image.fromarray(np.full(size, 0.5, dtype=np.float32), mode="F").save(root / "float_unit.tif")
+    Image.fromarray(np.full(size, 300.0, dtype=np.float32), mode="F").save(root / "float_over.tif")
+    Image.new("CMYK", size, (0, 255, 0, 0)).save(root / "cmyk.tif")  # magenta ink only
+    Image.new("CMYK", size, (0, 0, 0, 0)).save(root / "cmyk.jpg", quality=100)
+    Image.new("1", size, 1).save(root / "bilevel.png")
+    palette = Image.new("P", size, 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(root / "palette.png")
+    palette.save(root / "palette_trns.png", transparency=1)  # index 1 transparent: white
+    Image.new("RGBA", size, (10, 20, 30, 0)).save(root / "rgba_clear.png")
+    half = Image.new("RGBA", size, (0, 0, 0, 128))  # half-transparent black over white
+    half.save(root / "rgba_half.png")
+    Image.new("RGB", size, (1, 2, 3)).save(root / "rgb_trns.png", transparency=(1, 2, 3))
+    return {"l.png": (77,) * 3, "la_clear.png": (255,) * 3, "la_opaque.png": (100,) * 3,
+            "gray16.png": (128,) * 3, "gray16.tif": (128,) * 3, "int32_8bit.tif": (200,) * 3,
+            "int32_16bit.tif": (255,) * 3, "float_unit.tif": (128,) * 3, "float_over.tif": (255,) * 3,
+            "cmyk.tif": (255, 0, 255), "cmyk.jpg": (255, 255, 255), "bilevel.png": (255,) * 3,
+            "palette.png": (10, 200, 30), "palette_trns.png": (255,) * 3, "rgba_clear.png": (255,) * 3,
+            "rgba_half.png": (127, 127, 127), "rgb_trns.png": (255,) * 3}
+
+
+def test_every_mode_file_decodes_by_the_rule(tmp_path: Path) -> None:
+    expected = mode_files(tmp_path)
+    for name, rgb in expected.items():
+        decoded, facts = load_rgb(tmp_path / name)
+        assert decoded.mode == "RGB" and decoded.size == (4, 4), name
+        np.testing.assert_allclose(np.asarray(decoded)[1, 1], rgb, atol=1, err_msg=name)
+    assert load_rgb(tmp_path / "gray16.tif")[1]["mode"].startswith("I;16")
+    assert load_rgb(tmp_path / "float_unit.tif")[1]["mode"] == "F"
+    assert load_rgb(tmp_path / "cmyk.tif")[1]["mode"] == "CMYK"
+
+
+def test_float_nan_is_black_and_negative_int_is_clipped() -> None:
+    floats = Image.fromarray(np.array([[np.nan, 0.25, 1.0]], dtype=np.float32), mode="F")
+    assert np.asarray(_to_rgb8(floats))[0, :, 0].tolist() == [0, 64, 255]
+    ints = Image.fromarray(np.array([[-5, 257, 65535]], dtype=np.int32), mode="I")
+    assert np.asarray(_to_rgb8(ints))[0, :, 0].tolist() == [0, 1, 255]
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("TIFF", "tif"), ("JPEG", "jpg")])
+def test_exif_orientation_applies_to_png_and_tiff_too(tmp_path: Path, fmt: str, suffix: str) -> None:
+    array = np.zeros((20, 40, 3), dtype=np.uint8)
+    array[:, :20] = (255, 0, 0)  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display: the left half goes to the bottom
+    kwargs = {"tiffinfo": {0x0112: 8}} if fmt == "TIFF" else {"exif": exif.tobytes()}  # TIFF: a tag of its own
+    Image.fromarray(array).save(tmp_path / f"r.{suffix}", format=fmt, **kwargs)
+    image, facts = load_rgb(tmp_path / f"r.{suffix}")
+    assert facts["rotated"] is True and image.size == (20, 40)
+    pixels = np.asarray(image).astype(int)
+    assert pixels[35, 10, 0] > 200 and pixels[5, 10, 0] < 50
+
+
+def test_report_thumbnail_uses_the_same_rule(tmp_path: Path) -> None:
+    from stages.report_html import make_thumbnail
+
+    expected = mode_files(tmp_path)
+    for name in ("rgba_clear.png", "palette_trns.png", "gray16.tif", "cmyk.tif"):
+        with Image.open(io.BytesIO(make_thumbnail(tmp_path / name))) as thumb:
+            np.testing.assert_allclose(np.asarray(thumb.convert("RGB"))[1, 1], expected[name], atol=3,
+                                       err_msg=name)
+
+
+def test_prepare_keeps_every_mode_and_quarantines_the_corrupt(tmp_path: Path) -> None:
+    from stages.params import parse_params
+    from stages.prepare import prepare_dataset
+
+    raw = tmp_path / "raw"
+    for side, folder in enumerate(("train/modes", "train/other", "val/modes", "val/other"), start=4):
+        expected = mode_files(raw / folder, side)  # a side of its own: no file is a duplicate of another
+    (raw / "train/modes/corrupt.png").write_bytes((raw / "train/modes/l.png").read_bytes()[:40])
+    params = parse_params({"backbones": ["efficientnet_lite0"], "prepare": {"num_workers": 0, "stats_size": 4}})
+    prepared = prepare_dataset(raw, params, num_workers=0)
+    assert [q["path"] for q in prepared.quarantine] == ["train/modes/corrupt.png"]
+    assert len(prepared.manifest) == 4 * len(expected)
+
+
 @pytest.mark.parametrize("data, match", [
     (b"", "not an image"),
     (b"hello, I am a text file\n", "not an image"),
