@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -58,14 +58,48 @@ def _source(key: str, value: str) -> None:
 
 
 @dataclass(frozen=True)
+class LabelColumns:
+    """The columns of a labels file (stages/labels.py): image path, label (or one-hot columns), split."""
+    path: str = "path"
+    label: str | None = "label"
+    separator: str | None = None
+    onehot: tuple[str, ...] | tuple[()] = ()
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.label) != bool(self.onehot), "data.label_columns",
+               "either `label` (a column of class names) or `onehot` (a list of 0/1 class columns), not both "
+               "nor neither", {"label": self.label, "onehot": list(self.onehot)},
+               "label_columns: {path: image, label: null, onehot: [cat, dog]}")
+        _check(len(set(self.onehot)) == len(self.onehot), "data.label_columns.onehot", "distinct column names",
+               list(self.onehot))
+        _check(self.separator is None or bool(self.label), "data.label_columns.separator",
+               "null with one-hot columns", self.separator)
+
+
+@dataclass(frozen=True)
 class DataParams:
     source: str = "hymenoptera_data"
     url: str | None = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
     mirror: str | None = None
     max_per_class: int | None = None
     max_archive_mb: int = 20_000
+    labels: str | None = None
+    label_columns: LabelColumns = field(default_factory=LabelColumns)
     checks = {"source": _source, "url": _source, "max_per_class": _positive,
               "max_archive_mb": _positive}
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:
+            relative = PurePosixPath(self.labels)
+            _check(not relative.is_absolute() and ".." not in relative.parts, "data.labels",
+                   "a path relative to the dataset root (data/raw), without '..'", self.labels,
+                   "labels: train.csv")
+            _check(relative.suffix.lower() in (".csv", ".tsv", ".parquet", ".pq"), "data.labels",
+                   "a .csv, .tsv or .parquet file", self.labels, "labels: train.csv")
+            _check(self.max_per_class is None, "data.max_per_class",
+                   "null when data.labels is set (it keeps the first N files of each folder, which would "
+                   "drop images the labels file lists)", self.max_per_class, "max_per_class: null")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ import torch
 from stages.backbones import get_backbone
 from stages.images import IMAGE_EXTENSIONS, MANIFEST_FIELDS, ImageDecodeError, load_rgb, stats_transform
 from stages.io import progress, setup_logging, write_json, write_text
-from stages.params import ParamError, Params, PrepareParams, load_params
+from stages.labels import LabelsError, read_labels
+from stages.params import DataParams, ParamError, Params, PrepareParams, load_params
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,42 @@ def scan_tree(raw: Path) -> Scan:
     classes = tuple(sorted({c.cls for c in candidates}))  # folders holding only non-image files are no class
     return Scan(candidates, rejected, n_hidden, tuple(sorted({SPLIT_FOLDERS[d.lower()] for d in split_dirs},
                                                              key=SPLITS.index)), classes)
+
+
+def scan_labels(raw: Path, data: DataParams) -> Scan:
+    """List the images that the labels file `data.labels` names (stages/labels.py), with their class and split.
+
+    Rows with a non-image extension are rejected with a reason (as in scan_tree); image files under `raw` that
+    the file does not list are left out and counted in the log. Raises PrepareError for a bad file or row, and
+    for a row with more than one label (multi-label datasets are not supported yet).
+    """
+    try:
+        rows = read_labels(raw, data.labels, data.label_columns)
+    except LabelsError as exc:
+        raise PrepareError(str(exc)) from None
+    candidates, rejected = [], []
+    for row in rows:
+        if len(row.labels) > 1:
+            raise PrepareError(f"{raw / data.labels}: row {row.row}: {row.path!r} has {len(row.labels)} labels "
+                               f"{list(row.labels)}; multi-label datasets are not supported yet (one label a row).")
+        suffix = PurePosixPath(row.path).suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS:
+            rejected.append({"path": row.path, "class": row.labels[0], "split": row.split,
+                             "reason": f"extension {suffix!r} is not an image extension (allowed: "
+                                       f"{', '.join(sorted(IMAGE_EXTENSIONS))})"})
+            continue
+        candidates.append(Candidate(row.path, row.labels[0], row.split))
+    listed = {row.path for row in rows}
+    unlisted = sum(1 for p in raw.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                   and p.relative_to(raw).as_posix() not in listed)
+    if unlisted:
+        logger.warning("%d image file(s) under %s are not listed in %s: left out", unlisted, raw, data.labels)
+    split_folders = tuple(s for s in SPLITS if any(c.split == s for c in candidates))
+    if split_folders and any(c.split is None for c in candidates):
+        raise PrepareError(f"{raw / data.labels}: some rows have a split and some do not; fill in "
+                           f"{data.label_columns.split!r} on every row.")
+    return Scan(sorted(candidates, key=lambda c: c.path), sorted(rejected, key=lambda r: r["path"]), 0,
+                split_folders, tuple(sorted({c.cls for c in candidates})))
 
 
 def _hidden(path: PurePosixPath) -> bool:
@@ -374,7 +411,7 @@ class Prepared:
 def prepare_dataset(raw: Path, params: Params, *, num_workers: int) -> Prepared:
     """Scan, decode, quarantine, split, de-duplicate and measure `raw`; raise PrepareError when unusable."""
     p = params.prepare
-    scan = scan_tree(raw)
+    scan = scan_labels(raw, params.data) if params.data.labels else scan_tree(raw)
     check_heldout(scan.split_folders, p, raw=raw)  # before decoding: it depends on the layout and params only
     decoded = decode_all(raw, [c.path for c in scan.candidates], stats_size=p.stats_size,
                          num_workers=num_workers)

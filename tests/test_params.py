@@ -71,6 +71,15 @@ BAD_VALUES = [
     ("data.max_per_class", 0, "data.max_per_class must be a positive number"),
     ("data.max_per_class", "ten", "data.max_per_class must be"),
     ("data.max_archive_mb", -1, "data.max_archive_mb must be a positive"),
+    ("data.labels", "../labels.csv", "data.labels must be a path relative to the dataset root"),
+    ("data.labels", "labels.xlsx", "data.labels must be a .csv, .tsv or .parquet file"),
+    ("data.label_columns", "path", "data.label_columns must be a mapping"),
+    ("data.label_columns", {"pth": "image"}, "unknown parameter 'data.label_columns.pth'. Did you mean 'path'?"),
+    ("data.label_columns", {"label": "y", "onehot": ["a", "b"]}, "either `label`"),
+    ("data.label_columns", {"label": None}, "either `label`"),
+    ("data.label_columns", {"label": None, "onehot": ["a", "a"]}, "data.label_columns.onehot must be distinct"),
+    ("data.label_columns", {"label": None, "onehot": ["a"], "separator": ";"}, "data.label_columns.separator"),
+    ("data.label_columns", {"split": 3}, "data.label_columns.split must be"),
     ("weights.mirror", ["a"], "weights.mirror must be"),
     ("weights.allow_network", "yes", "weights.allow_network must be true or false"),
     ("weights.timeout_s", 0, "weights.timeout_s must be a positive"),
@@ -179,6 +188,13 @@ def test_every_key_has_a_bad_value_test() -> None:
             continue
         for f in dataclasses.fields(section.default):
             assert f"{section.name}.{f.name}" in tested, f"no bad-value test for {section.name}.{f.name}"
+
+
+def test_labels_file_rules_out_max_per_class(raw: dict) -> None:
+    bad = with_value(with_value(raw, "data.labels", "train.csv"), "data.max_per_class", 10)
+    with pytest.raises(ParamError, match=re.escape("data.max_per_class must be null when data.labels is set")):
+        parse_params(bad)
+    assert parse_params(with_value(raw, "data.labels", "meta/train.parquet")).data.labels == "meta/train.parquet"
 
 
 def test_fractions_must_leave_training_images(raw: dict) -> None:
