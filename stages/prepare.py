@@ -14,7 +14,9 @@ Outputs (all written atomically):
 Splits. The evaluation protocol (stages/evaluation.py) reports only the held-out split, test when the manifest has
 test rows, else val, and selects by cross-validation on the rest, so val is optional and a held-out split is not.
 Split folders (train, val/valid/validation, test) are kept. A split without a folder is drawn from train, per class
-(round half up of its distinct files x the fraction), seeded by (seed, class), keeping identical files together:
+(round half up of its distinct files x the fraction; at least one in the held-out split, so every class is in
+train and held out, and a class with a single distinct file is an error), seeded by (seed, class), keeping
+identical files together:
 val when val_fraction > 0; test when test_fraction > 0 and the dataset has neither a val/ nor a test/ folder. The
 defaults (val_fraction 0, test_fraction 0.2) give a `<class>/<image>` tree train + a held-out test split; a
 train/val tree (hymenoptera) stays as it is, val held out. With no val/ or test/ folder and both fractions 0 nothing
@@ -253,19 +255,25 @@ def stratified_split(groups: Sequence[tuple[str, str]], *, val_fraction: float, 
                      seed: int) -> dict[str, str]:
     """Assign each (key, class) group to train/val/test, stratified per class.
 
-    Per class, round-half-up(n * fraction) groups go to test and to val (at least one stays in train);
-    which ones is a permutation of the keys in sorted order drawn from (seed, class name).
-    Returns {key: split}.
+    Per class, round-half-up(n * fraction) groups go to test and to val (at least one stays in train); the
+    held-out split (test when test_fraction > 0, else val) gets at least one group of every class, so each
+    class is in train and held out; a class with a single group raises PrepareError. Which groups is a
+    permutation of the keys in sorted order drawn from (seed, class name). Returns {key: split}.
     """
     by_class: dict[str, list[str]] = defaultdict(list)
     for key, cls in groups:
         by_class[cls].append(key)
+    held = "test" if test_fraction > 0 else "val" if val_fraction > 0 else None
+    alone = sorted(cls for cls, keys in by_class.items() if len(keys) < 2)
+    if held and alone:
+        raise PrepareError(f"class(es) {alone} have a single distinct image: it cannot be both in train and in the "
+                           f"held-out {held} split. Add images of these classes (or remove them).")
     assignment = {}
     for cls, keys in sorted(by_class.items()):
         keys = sorted(keys)
         n = len(keys)
-        n_test = min(math.floor(n * test_fraction + 0.5), n - 1)
-        n_val = min(math.floor(n * val_fraction + 0.5), n - 1 - n_test)
+        n_test = min(max(math.floor(n * test_fraction + 0.5), int(held == "test")), n - 1)
+        n_val = min(max(math.floor(n * val_fraction + 0.5), int(held == "val")), n - 1 - n_test)
         rng = np.random.default_rng([seed, zlib.crc32(cls.encode("utf-8"))])
         order = rng.permutation(n)
         for rank, index in enumerate(order):
@@ -488,6 +496,12 @@ def check_split_counts(counts: dict[str, Counter], classes: Sequence[str], *, ra
     if no_train:
         raise PrepareError(f"{raw}: class(es) {no_train} have no valid training images; every class needs "
                            f"some (see reports/prepare/quarantine.json for files that were rejected).")
+    held = "test" if counts["test"] else "val"
+    no_heldout = [c for c in classes if not counts[held][c]]
+    if no_heldout:
+        raise PrepareError(f"{raw}: class(es) {no_heldout} have no valid image in the held-out {held} split; "
+                           f"every class needs some there too, or its recall cannot be measured. Add images of "
+                           f"these classes to {held} (see reports/prepare/quarantine.json for rejected files).")
 
 
 def dataset_warnings(kept: Sequence[tuple[Candidate, Decoded]], counts: dict[str, Counter], classes: Sequence[str],

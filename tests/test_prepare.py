@@ -186,10 +186,11 @@ def test_stratified_split_counts_per_class_and_seed(tmp_path: Path) -> None:
                                                     stats_size=8), num_workers=0)
         split[seed] = {r["path"]: r["split"] for r in prepared.manifest}
         counts = Counter((r["class"], r["split"]) for r in prepared.manifest)
-        # round half up per class: cat 5 val / 2 test, dog 3 (2.5) / 1, eel 1 (0.75) / 0 (0.3)
+        # round half up per class: cat 5 val / 2 test, dog 3 (2.5) / 1, eel 1 (0.75) / 0 (0.3) raised to 1:
+        # test is held out and keeps every class
         assert counts == {("cat", "train"): 13, ("cat", "val"): 5, ("cat", "test"): 2,
                           ("dog", "train"): 6, ("dog", "val"): 3, ("dog", "test"): 1,
-                          ("eel", "train"): 2, ("eel", "val"): 1}
+                          ("eel", "train"): 1, ("eel", "val"): 1, ("eel", "test"): 1}
         assert prepared.summary["split_method"] == "stratified"
     assert split[0] != split[1]
     again = prepare_dataset(raw, make_params(val_fraction=0.25, test_fraction=0.1, seed=0, stats_size=8),
@@ -197,12 +198,34 @@ def test_stratified_split_counts_per_class_and_seed(tmp_path: Path) -> None:
     assert {r["path"]: r["split"] for r in again.manifest} == split[0]
 
 
-def test_stratified_split_keeps_a_training_image_per_class() -> None:
-    groups = [("a0", "a"), ("b0", "b"), ("b1", "b")]
-    # a: 1 image stays in train; b: round(0.8) = 1 to test, round(1.0) = 1 to val but only 0 left over
-    result = stratified_split(groups, val_fraction=0.5, test_fraction=0.4, seed=3)
-    assert result["a0"] == "train"
-    assert sorted(result[k] for k in ("b0", "b1")) == ["test", "train"]
+def test_stratified_split_keeps_every_class_in_train_and_held_out() -> None:
+    groups = [("a0", "a"), ("a1", "a"), ("b0", "b"), ("b1", "b"), ("b2", "b")] + [(f"c{i}", "c") for i in range(10)]
+    # a: round(0.2) = 0 to test, raised to 1 (held out); b: round(0.3) = 0 -> 1; c: round(1.0) = 1; val: 0
+    result = stratified_split(groups, val_fraction=0.0, test_fraction=0.1, seed=3)
+    for cls, n in (("a", 2), ("b", 3), ("c", 10)):
+        splits = sorted(result[k] for k, c in groups if c == cls)
+        assert splits == ["test"] + ["train"] * (n - 1), cls
+    # only val drawn: val is the held-out split and gets one of each class
+    result = stratified_split(groups[:5], val_fraction=0.1, test_fraction=0.0, seed=3)
+    assert sorted(result[k] for k in ("a0", "a1")) == ["train", "val"]
+    # b: round(1.2) = 1 to test; round(1.5) = 2 to val but only 1 left over after train's one
+    result = stratified_split(groups[2:5], val_fraction=0.5, test_fraction=0.4, seed=3)
+    assert sorted(result.values()) == ["test", "train", "val"]
+
+
+def test_stratified_split_refuses_a_class_with_one_image() -> None:
+    with pytest.raises(PrepareError, match=r"class\(es\) \['a'\] have a single distinct image: it cannot be both "
+                                           r"in train and in the held-out test split"):
+        stratified_split([("a0", "a"), ("b0", "b"), ("b1", "b")], val_fraction=0.5, test_fraction=0.4, seed=3)
+    assert stratified_split([("a0", "a")], val_fraction=0.0, test_fraction=0.0, seed=3) == {"a0": "train"}
+
+
+def test_a_class_missing_from_the_held_out_folder_is_an_error(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    for seed, name in enumerate(["train/a/x.png", "train/b/y.png", "val/a/z.png"]):
+        save(raw / name, noise(seed, (8, 8)))
+    with pytest.raises(PrepareError, match=r"class\(es\) \['b'\] have no valid image in the held-out val split"):
+        prepare_dataset(raw, make_params(stats_size=8), num_workers=0)
 
 
 def test_duplicates_across_split_folders_are_kept_in_train_only(tmp_path: Path) -> None:
@@ -244,9 +267,9 @@ def test_missing_val_folder_is_drawn_from_train(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("per_class, kwargs, match", [
     ({"only": 5}, {}, r"found 1 class folder\(s\) \['only'\]; a classifier needs at least 2"),
-    # round(2 x 0.2) = 0 test images per class: the held-out split would be empty
-    ({"a": 2, "b": 2}, {}, r"the test split has no images \(4 valid images in all, 0 quarantined; split from "
-                           r"stratified\)\. Add images, or raise prepare\.test_fraction"),
+    # b: one image cannot be both in train and in the held-out test split
+    ({"a": 2, "b": 1}, {}, r"class\(es\) \['b'\] have a single distinct image: it cannot be both in train and "
+                           r"in the held-out test split\. Add images"),
     ({"a": 3, "b": 3}, {"val_fraction": 0.5, "test_fraction": 0.0}, None),  # val held out: fine
 ])
 def test_unusable_datasets_fail_clearly(tmp_path: Path, per_class, kwargs, match) -> None:
@@ -300,12 +323,16 @@ def test_train_folder_alone_gets_a_held_out_test_split(tmp_path: Path) -> None:
     assert prepared.summary["split_method"] == "folders (train); test drawn from train, stratified"
 
 
-def test_a_class_too_small_for_the_held_out_split_stays_in_train_with_a_warning(tmp_path: Path) -> None:
+def test_a_small_class_still_gets_a_held_out_image(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
-    class_tree(raw, {"a": 10, "b": 2})  # b: round(2 x 0.2) = 0 test images
+    class_tree(raw, {"a": 10, "b": 2})  # b: round(2 x 0.2) = 0 test images, raised to 1 (test is held out)
     prepared = prepare_dataset(raw, make_params(stats_size=8), num_workers=0)
-    assert prepared.summary["splits"]["test"] == {"total": 2, "a": 2, "b": 0}
-    assert {"path": None, "issues": ["class(es) ['b'] have no test images"]} in prepared.summary["warnings"]
+    assert prepared.summary["splits"]["test"] == {"total": 3, "a": 2, "b": 1}
+    assert prepared.summary["splits"]["train"] == {"total": 9, "a": 8, "b": 1}
+    # val drawn beside a held-out test split is not raised: a class may miss it, with a warning
+    prepared = prepare_dataset(raw, make_params(stats_size=8, val_fraction=0.1), num_workers=0)
+    assert prepared.summary["splits"]["val"]["b"] == 0
+    assert {"path": None, "issues": ["class(es) ['b'] have no val images"]} in prepared.summary["warnings"]
 
 
 @pytest.mark.parametrize("folders", [(), ("train",)])
