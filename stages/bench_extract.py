@@ -40,7 +40,7 @@ from stages.engines.choose import (_timed, build_engine, choose, choose_precisio
                                    read_capability, within_parity)
 from stages.engines.graph import export_graph, graph_key
 from stages.engines.torch import resolve_device
-from stages.features import to_storage
+from stages.features_write import to_storage
 from stages.hardware import DTYPES, read_cpu_capability
 from stages.images import IMAGE_EXTENSIONS, ImageDataset, eval_dataset, train_transform
 from stages.io import mirror_dirs, setup_logging, sha256_file

@@ -42,7 +42,8 @@ import yaml
 from PIL import Image, ImageEnhance
 
 from stages.backbones import get_backbone
-from stages.features import CHUNK_BYTES, file_attributes, provenance_key
+from stages.features import CHUNK_BYTES
+from stages.features_write import file_attributes, provenance_key
 from stages.images import MANIFEST_FIELDS
 from stages.io import atomic_path, sha256_file, write_json, write_text
 from stages.params import load_params

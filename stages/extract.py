@@ -41,9 +41,10 @@ from stages.engines import Candidate, run_views
 from stages.engines.choose import build_engine, candidate_list, choose_precision, read_capability, select_engine
 from stages.engines.graph import export_graph, graph_key, graph_path
 from stages.engines.torch import TorchEngine, compile_model, fix_cuda_algorithms, resolve_device
-from stages.features import (FORMAT_VERSION, FeaturesError, Reusable, WorkLog, augmented_key, file_attributes,
-                             output_lock, provenance_key, read_reusable, record_batches, stored_views, to_storage,
-                             work_path_for, write_features)
+from stages.features import FORMAT_VERSION, FeaturesError
+from stages.features_write import (Reusable, WorkLog, augmented_key, file_attributes, output_lock, provenance_key,
+                                   read_reusable, record_batches, stored_views, to_storage, work_path_for,
+                                   write_features)
 from stages.images import (AugmentedImages, EvalImages, ImageChangedError, ImageDecodeError, ManifestRow, augment_spec,
                            dataset_preprocess, make_loader, read_manifest)
 from stages.io import read_json, setup_logging, sha256_file, write_json

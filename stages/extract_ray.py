@@ -53,7 +53,8 @@ from stages.backbones import Backbone, Preprocess, WeightsError, build_feature_m
 from stages.engines import Candidate, run_views
 from stages.engines.choose import choose_precision
 from stages.engines.torch import TorchEngine, fix_cuda_algorithms
-from stages.features import FORMAT_VERSION, to_storage
+from stages.features import FORMAT_VERSION
+from stages.features_write import to_storage
 from stages.hardware import available_cores, read_cpu_capability
 from stages.images import AugmentedImages, EvalImages, ImageChangedError, ImageDecodeError, ManifestRow
 from stages.io import sha256_bytes

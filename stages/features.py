@@ -1,8 +1,8 @@
 """The features/<bb>.h5 format, read side: what the extract stage stores and every reader (head, audit) checks.
 
-Layout (written by stages/extract.py; HDF5, `track_times=False`):
+Layout (written by stages/features_write.py; HDF5, `track_times=False`):
     features/<layer>          [N * V, D] float16 | float32: one row per manifest image (x V TTA views with
-                              tta_mode "rows"), in manifest order
+                              tta_mode "rows"), in manifest order; chunked along rows (about CHUNK_BYTES a chunk)
     labels [N * V] int64, split [N * V] str, sha256 [N * V] str, path [N * V] str
     augmented/<layer>         optional [M, D]: augmented training views (extract.augment_views)
     augmented_source          optional [M] int64: the manifest image each augmented row came from
@@ -10,28 +10,19 @@ Layout (written by stages/extract.py; HDF5, `track_times=False`):
                               preprocess, classes, versions, tta, tta_mode, augment, storage_dtype, precision, ...
 Read side: `read_features` loads a file and checks shapes, dtypes and finiteness (FeaturesError);
 `check_provenance` checks that it was computed from this backbone, weight file and manifest (ProvenanceError).
-
-Write side (the extract stage, whichever engine or cluster computed the rows): rows are content-addressed by
-image sha256 and `provenance_key` (everything besides the bytes that changes a value); `read_reusable` gathers
-the rows of the previous output (only when its sha256 matches the previous report) and of an interrupted run's
-work log (`WorkLog`, `.<name>.work`: checksummed, fsynced records); `record_batches` appends newly computed
-batches to the log, then to the row pool; `write_features` writes the file in manifest order, atomically, with
-`track_times=False` (same rows, same bytes); `output_lock` keeps a second writer out.
+Lazy side (for 10^5-10^6 rows): `open_features` opens the file without loading any feature matrix and gives a
+`FeatureReader`: the row arrays and attributes in memory, feature rows read in row chunks in the storage dtype
+(`iter_chunks`), or a subset of rows (`take`), each chunk checked finite as it is read. The feature datasets are
+HDF5-chunked, so they are read chunk by chunk through h5py rather than np.memmap'd; a row chunk of 1M x 1472
+float16 features is a few MB, and nothing is ever converted to float64.
+The write side (row reuse, work log, lock, writer) is stages/features_write.py.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import io
 import json
-import logging
-import os
-import platform
-import struct
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +30,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stages.backbones import Preprocess, module_version
 from stages.images import ManifestRow, read_manifest
-from stages.io import atomic_path, progress, read_json, sha256_file
-from stages.params import ExtractParams
-
-logger = logging.getLogger(__name__)
+from stages.io import sha256_file
 
 FORMAT_VERSION = 1
-WORK_MAGIC = b"EXTRACT-WORK\x00\x01\n"
 CHUNK_BYTES = 1 << 20  # HDF5 chunk size target for feature rows
+READ_CHUNK_ROWS = 16384  # rows per chunk of FeatureReader.iter_chunks (1472 float16 columns: 48 MB as float32)
 
 JSON_ATTRS = ("layers", "preprocess", "classes", "versions", "tta", "layer_aliases", "augment")
 
@@ -95,48 +82,162 @@ def _read_strings(dataset: h5py.Dataset) -> np.ndarray:
     return np.asarray(dataset[()]).astype(str)
 
 
-def read_features(path: str | Path, layers: Sequence[str] | None = None) -> FeatureFile:
-    """Read `layers` (default: every stored layer) and the row arrays of a features file."""
-    path = Path(path)
+def _open(path: Path) -> tuple[h5py.File, dict[str, Any], list[str]]:
+    """(open handle, JSON-decoded attributes, stored layers in extract.layers order); FeaturesError when the file
+    is absent, unreadable or lacks a row dataset."""
     try:
         handle = h5py.File(path, "r")
     except FileNotFoundError:
         raise FeaturesError(f"{path} does not exist; run `dvc repro extract` first") from None
     except OSError as exc:
         raise FeaturesError(f"{path} is not a readable HDF5 features file ({exc}); re-run `dvc repro extract`") from None
-    with handle:
-        attrs = {key: _decode_attr(value) for key, value in handle.attrs.items()}
-        for key in JSON_ATTRS:
-            if isinstance(attrs.get(key), str):
-                attrs[key] = json.loads(attrs[key])
-        missing = [name for name in ("features", "labels", "split", "sha256", "path") if name not in handle]
-        if missing:
-            raise FeaturesError(f"{path} lacks dataset(s) {', '.join(missing)}; re-run `dvc repro extract`")
-        in_file = list(handle["features"].keys())
-        declared = [layer for layer in attrs.get("layers") or [] if layer in in_file]
-        stored = declared + [layer for layer in in_file if layer not in declared]  # extract.layers order
-        wanted = list(layers) if layers is not None else stored
-        absent = [layer for layer in wanted if layer not in stored]
-        if absent:
-            raise FeaturesError(f"head.layer(s) {absent} not in {path}, which holds {stored}; add them to "
+    attrs = {key: _decode_attr(value) for key, value in handle.attrs.items()}
+    for key in JSON_ATTRS:
+        if isinstance(attrs.get(key), str):
+            attrs[key] = json.loads(attrs[key])
+    missing = [name for name in ("features", "labels", "split", "sha256", "path") if name not in handle]
+    if missing:
+        handle.close()
+        raise FeaturesError(f"{path} lacks dataset(s) {', '.join(missing)}; re-run `dvc repro extract`")
+    in_file = list(handle["features"].keys())
+    declared = [layer for layer in attrs.get("layers") or [] if layer in in_file]
+    return handle, attrs, declared + [layer for layer in in_file if layer not in declared]
+
+
+def _wanted(path: Path, stored: list[str], layers: Sequence[str] | None) -> list[str]:
+    wanted = list(layers) if layers is not None else stored
+    absent = [layer for layer in wanted if layer not in stored]
+    if absent:
+        raise FeaturesError(f"head.layer(s) {absent} not in {path}, which holds {stored}; add them to "
                             f"extract.layers or set head.layer to a stored layer (params.yaml)")
-        data = FeatureFile(
-            path=path, features={layer: handle["features"][layer][()] for layer in wanted},
-            labels=handle["labels"][()],
-            split=_read_strings(handle["split"]), sha256=_read_strings(handle["sha256"]),
-            paths=[str(p) for p in _read_strings(handle["path"])], attrs=attrs)
+    return wanted
+
+
+def _row_arrays(handle: h5py.File) -> dict[str, Any]:
+    augmented = "augmented_source" in handle and "augmented" in handle
+    return {"labels": handle["labels"][()], "split": _read_strings(handle["split"]),
+            "sha256": _read_strings(handle["sha256"]), "paths": [str(p) for p in _read_strings(handle["path"])],
+            "augmented_source": (handle["augmented_source"][()].astype(np.int64) if augmented
+                                 else np.zeros(0, dtype=np.int64))}
+
+
+def read_features(path: str | Path, layers: Sequence[str] | None = None) -> FeatureFile:
+    """Read `layers` (default: every stored layer) and the row arrays of a features file, in memory as stored."""
+    path = Path(path)
+    handle, attrs, stored = _open(path)
+    with handle:
+        wanted = _wanted(path, stored, layers)
+        data = FeatureFile(path=path, features={layer: handle["features"][layer][()] for layer in wanted},
+                           attrs=attrs, **_row_arrays(handle))
         if "augmented" in handle and "augmented_source" in handle:
-            data = dataclasses.replace(
-                data, augmented={layer: handle["augmented"][layer][()] for layer in wanted
-                                 if layer in handle["augmented"]},
-                augmented_source=handle["augmented_source"][()].astype(np.int64))
+            data = dataclasses.replace(data, augmented={layer: handle["augmented"][layer][()] for layer in wanted
+                                                        if layer in handle["augmented"]})
     check_arrays(data)
     return dataclasses.replace(data, labels=data.labels.astype(np.int64))
 
 
-def check_arrays(data: FeatureFile) -> None:
+@dataclass
+class FeatureReader:
+    """An open features file: attributes and row arrays in memory, feature matrices read lazily in row chunks in the
+    storage dtype (float16 | float32). Use through `open_features` (a context manager that closes the file).
+    Same row attributes as FeatureFile, so check_provenance takes either."""
+    path: Path
+    handle: h5py.File
+    layers: list[str]  # every stored layer, extract.layers order
+    labels: np.ndarray  # [N] int64
+    split: np.ndarray  # [N] str
+    sha256: np.ndarray  # [N] str
+    paths: list[str]
+    attrs: dict[str, Any]
+    augmented_source: np.ndarray  # [M] image index of each augmented row
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.paths)
+
+    def dims(self, layers: Sequence[str] | None = None) -> dict[str, int]:
+        """Columns of each layer of `layers` (default: every stored layer)."""
+        return {layer: int(self.handle["features"][layer].shape[1]) for layer in _wanted(self.path, self.layers, layers)}
+
+    def _datasets(self, layers: Sequence[str] | None, group: str) -> dict[str, h5py.Dataset]:
+        wanted = _wanted(self.path, self.layers, layers)
+        if group == "augmented":
+            held = self.handle["augmented"] if "augmented" in self.handle else {}
+            return {layer: held[layer] for layer in wanted if layer in held}
+        return {layer: self.handle["features"][layer] for layer in wanted}
+
+    def iter_chunks(self, layers: Sequence[str] | None = None, *, chunk_rows: int = READ_CHUNK_ROWS,
+                    group: str = "features") -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(first row, {layer: [B, D] as stored}) for consecutive row chunks of `group` ("features" or "augmented"),
+        each checked finite as it is read (FeaturesError names the layer and rows)."""
+        datasets = self._datasets(layers, group)
+        total = len(self.augmented_source) if group == "augmented" else self.n_rows
+        for start in range(0, total, chunk_rows):
+            stop = min(total, start + chunk_rows)
+            yield start, {layer: self._checked(f"{group}/{layer}", ds[start:stop], start)
+                          for layer, ds in datasets.items()}
+
+    def take(self, rows: np.ndarray, layers: Sequence[str] | None = None, *, group: str = "features",
+             chunk_rows: int = READ_CHUNK_ROWS) -> dict[str, np.ndarray]:
+        """{layer: [len(rows), D] as stored} for the row indices `rows` (any order, repeats allowed), read chunk by
+        chunk: memory is the result plus one chunk."""
+        rows = np.asarray(rows, dtype=np.int64)
+        total = len(self.augmented_source) if group == "augmented" else self.n_rows
+        if len(rows) and (rows.min() < 0 or rows.max() >= total):
+            raise FeaturesError(f"{self.path}: row indices must lie in [0, {total}); got [{rows.min()}, {rows.max()}]")
+        datasets = self._datasets(layers, group)
+        out = {layer: np.empty((len(rows), ds.shape[1]), dtype=ds.dtype) for layer, ds in datasets.items()}
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        for start in range(0, total, chunk_rows):
+            lo, hi = np.searchsorted(sorted_rows, [start, start + chunk_rows])
+            if lo == hi:
+                continue
+            stop = min(total, int(sorted_rows[hi - 1]) + 1)
+            for layer, ds in datasets.items():
+                wanted = sorted_rows[lo:hi]
+                out[layer][order[lo:hi]] = self._checked(f"{group}/{layer}", ds[start:stop][wanted - start], wanted)
+        return out
+
+    def read(self, layers: Sequence[str] | None = None, *, group: str = "features") -> dict[str, np.ndarray]:
+        """Whole layers [N, D] as stored (float16 | float32; for callers whose rows fit in memory)."""
+        return {layer: self._checked(f"{group}/{layer}", ds[()], 0)
+                for layer, ds in self._datasets(layers, group).items()}
+
+    def _checked(self, name: str, block: np.ndarray, rows: int | np.ndarray) -> np.ndarray:
+        """`block` unless it holds a non-finite value; `rows`: its first row's index, or every row's index."""
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            first = rows + int(bad[0]) if isinstance(rows, int) else int(rows[bad[0]])
+            raise FeaturesError(f"{self.path}: {name} has NaN or infinite values in {len(bad)} row(s) from row "
+                                f"{first} but expected finite values; the file is damaged or was not "
+                                f"written by the extract stage. Delete it and re-run `dvc repro extract`.")
+        return block
+
+
+@contextlib.contextmanager
+def open_features(path: str | Path) -> Iterator[FeatureReader]:
+    """Open a features file lazily: shapes and dtypes of every stored layer are checked now (check_arrays, without
+    reading a feature value), finiteness chunk by chunk as rows are read."""
+    path = Path(path)
+    handle, attrs, stored = _open(path)
+    try:
+        rows = _row_arrays(handle)
+        augmented = {layer: handle["augmented"][layer] for layer in stored
+                     if "augmented_source" in handle and "augmented" in handle and layer in handle["augmented"]}
+        check_arrays(FeatureFile(path=path, features={layer: handle["features"][layer] for layer in stored},
+                                 attrs=attrs, augmented=augmented, **rows), finite=False)
+        rows["labels"] = rows["labels"].astype(np.int64)
+        yield FeatureReader(path=path, handle=handle, layers=stored, attrs=attrs, **rows)
+    finally:
+        handle.close()
+
+
+def check_arrays(data: FeatureFile, *, finite: bool = True) -> None:
     """Raise FeaturesError unless every array has the contract's shape and dtype: features/<layer> [N, D] in the
-    file's storage_dtype (float16 | float32) and finite, labels [N] integer, split and sha256 [N]; N = rows of `path`."""
+    file's storage_dtype (float16 | float32) and finite, labels [N] integer, split and sha256 [N]; N = rows of `path`.
+    `finite=False`: shapes and dtypes only (the feature arrays may then be h5py datasets, not read here)."""
     def fail(what: str, found: Any, expected: str) -> None:
         raise FeaturesError(f"{data.path}: {what} is {found} but expected {expected}; the file is damaged or was not "
                         f"written by the extract stage. Delete it and re-run `dvc repro extract`.")
@@ -155,21 +256,22 @@ def check_arrays(data: FeatureFile) -> None:
         if values.dtype.name not in allowed:
             fail(f"the dtype of features/{layer}", values.dtype.name,
                  f"{' or '.join(allowed)} (attribute storage_dtype is {storage!r})")
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        bad = int(values.size - np.count_nonzero(np.isfinite(values))) if finite else 0
         if bad:
             fail(f"the number of NaN or infinite values in features/{layer}", bad, "0")
     m = len(data.augmented_source)
     for layer, values in data.augmented.items():
         width = data.features[layer].shape[1]
-        if values.shape != (m, width) or not np.all(np.isfinite(values)):
-            fail(f"augmented/{layer} (shape {values.shape}, all finite: {bool(np.all(np.isfinite(values)))})",
+        all_finite = bool(np.all(np.isfinite(values))) if finite else True
+        if values.shape != (m, width) or not all_finite:
+            fail(f"augmented/{layer} (shape {values.shape}, all finite: {all_finite})",
                  "inconsistent", f"finite values of shape ({m}, {width}): one row per augmented_source entry")
     if m and (data.augmented_source.min() < 0 or data.augmented_source.max() >= n):
         fail("the range of augmented_source", [int(data.augmented_source.min()), int(data.augmented_source.max())],
              f"image indices in [0, {n})")
 
 
-def check_provenance(data: FeatureFile, *, backbone: str, weights_path: str | Path, weights_sha256: str,
+def check_provenance(data: FeatureFile | FeatureReader, *, backbone: str, weights_path: str | Path, weights_sha256: str,
                      manifest_path: str | Path, manifest_sha256: str, manifest: Sequence[ManifestRow]) -> None:
     """Raise ProvenanceError unless `data` was extracted by `backbone` with these weights from this manifest."""
     def fail(attribute: str, expected: Any, found: Any, what: str) -> None:
@@ -205,424 +307,41 @@ def views_per_image(attrs: dict[str, Any]) -> int:
     return len(tta) if attrs.get("tta_mode") == "rows" else 1
 
 
-def read_checked(features_path: Path, *, backbone: str, manifest_path: Path, weights_path: Path,
-                 layers: Sequence[str] | None = None) -> tuple[FeatureFile, dict[str, str]]:
-    """Read `layers` (default: all) of features_path and check its provenance against this manifest and weight
-    file and that its classes name every label; returns (data, {"manifest_sha256", "weights_sha256"})."""
+def _input_hashes(*, backbone: str, manifest_path: Path, weights_path: Path) -> tuple[list[ManifestRow], dict[str, str]]:
     for path, hint in ((manifest_path, "dvc repro prepare"), (weights_path, f"dvc repro weights@{backbone}")):
         if not Path(path).is_file():
             raise FeaturesError(f"{path} does not exist; run `{hint}`")
-    manifest = read_manifest(manifest_path)
-    hashes = {"manifest_sha256": sha256_file(manifest_path), "weights_sha256": sha256_file(weights_path)}
-    data = read_features(features_path, layers)
+    return read_manifest(manifest_path), {"manifest_sha256": sha256_file(manifest_path),
+                                          "weights_sha256": sha256_file(weights_path)}
+
+
+def _check_inputs(data: FeatureFile | FeatureReader, *, backbone: str, manifest_path: Path, weights_path: Path,
+                  manifest: list[ManifestRow], hashes: dict[str, str]) -> None:
     check_provenance(data, backbone=backbone, weights_path=weights_path, manifest_path=manifest_path,
                      manifest=manifest, **hashes)
     classes = data.attrs.get("classes") or []
     if len(classes) < 2 or data.labels.max(initial=0) >= len(classes):
-        raise FeaturesError(f"{features_path}: attribute classes {classes} does not name every label "
+        raise FeaturesError(f"{data.path}: attribute classes {classes} does not name every label "
                             f"0..{data.labels.max(initial=0)}; re-run `dvc repro extract@{backbone}`")
+
+
+def read_checked(features_path: Path, *, backbone: str, manifest_path: Path, weights_path: Path,
+                 layers: Sequence[str] | None = None) -> tuple[FeatureFile, dict[str, str]]:
+    """Read `layers` (default: all) of features_path and check its provenance against this manifest and weight
+    file and that its classes name every label; returns (data, {"manifest_sha256", "weights_sha256"})."""
+    manifest, hashes = _input_hashes(backbone=backbone, manifest_path=manifest_path, weights_path=weights_path)
+    data = read_features(features_path, layers)
+    _check_inputs(data, backbone=backbone, manifest_path=manifest_path, weights_path=weights_path,
+                  manifest=manifest, hashes=hashes)
     return data, hashes
 
 
-# ------------------------------------------------------------------------------------------------ write side
-def provenance_key(*, backbone: str, weights_sha256: str, preprocess: Preprocess, layers: Sequence[str],
-                   precision: str, params: ExtractParams) -> dict[str, Any]:
-    """Everything that changes a row's values besides the image bytes; rows are reused only on equality."""
-    return {"backbone": backbone, "weights_sha256": weights_sha256, "preprocess": preprocess.as_dict(),
-            "layers": list(layers), "precision": precision, "storage_dtype": params.storage_dtype,
-            "tta": list(params.tta), "tta_mode": params.tta_mode}
-
-
-def augmented_key(key: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    """The provenance of augmented rows: the main rows' key plus the augment spec."""
-    return {**key, "augment": spec}
-
-
-def stored_views(key: dict[str, Any]) -> int:
-    """Rows stored per image: one per TTA view in "rows" mode, else one."""
-    return len(key["tta"]) if key["tta_mode"] == "rows" else 1
-
-
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-# ------------------------------------------------------------------------------------ row pool
-class RowPool:
-    """Feature rows by image sha256, for one provenance key: {sha256: {layer: array [V, D]}}."""
-
-    def __init__(self, key: dict[str, Any]) -> None:
-        self.key = key
-        self.rows: dict[str, dict[str, np.ndarray]] = {}
-
-    def add(self, sha256s: Sequence[str], features: dict[str, np.ndarray]) -> None:
-        """Add rows: `features` {layer: [B, V, D]} for the B images `sha256s`."""
-        for i, sha in enumerate(sha256s):
-            self.rows.setdefault(sha, {layer: values[i] for layer, values in features.items()})
-
-    def __contains__(self, sha: str) -> bool:
-        return sha in self.rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def read_rows(path: Path) -> tuple[RowPool, RowPool | None] | None:
-    """The rows of a previous features file, keyed by its provenance attributes: (main rows, augmented rows or
-    None when it has none); None when absent or unreadable (a warning says why: the file is then simply not
-    reused)."""
-    if not path.exists():
-        return None
-    try:
-        with h5py.File(path, "r") as h5:
-            attrs = h5.attrs
-            key = {"backbone": str(attrs["backbone"]), "weights_sha256": str(attrs["weights_sha256"]),
-                   "preprocess": json.loads(attrs["preprocess"]), "layers": json.loads(attrs["layers"]),
-                   "precision": str(attrs["precision"]), "storage_dtype": str(attrs["storage_dtype"]),
-                   "tta": json.loads(attrs["tta"]), "tta_mode": str(attrs["tta_mode"])}
-            views = stored_views(key)
-            sha256s = [s.decode() for s in h5["sha256"][::views]]
-            features = {layer: h5[f"features/{layer}"][()] for layer in key["layers"]}
-            spec = json.loads(attrs.get("augment", '{"views": 0}'))
-            augmented = None
-            if spec["views"] and "augmented_source" in h5:
-                source = h5["augmented_source"][()][::spec["views"]]
-                augmented = RowPool(augmented_key(key, spec))
-                augmented.add([sha256s[i] for i in source],
-                              {layer: h5[f"augmented/{layer}"][()].reshape(len(source), spec["views"], -1)
-                               for layer in key["layers"]})
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not reused
-        logger.warning("not reusing %s: %s: %s", path, type(exc).__name__, exc)
-        return None
-    pool = RowPool(key)
-    pool.add(sha256s, {layer: values.reshape(len(sha256s), views, -1) for layer, values in features.items()})
-    return pool, augmented
-
-
-class WorkLog:
-    """Append-only, crash-safe record of computed rows beside the output (`.<name>.work`).
-
-    Layout: WORK_MAGIC, then records `len (uint64 LE) | payload | sha256(payload)`. The first payload is
-    a JSON header (provenance key, compute path, batch size); each further payload is an .npz of one
-    batch: `sha256` [B] (S64) and `layer_<i>` [B, V, D] in the storage dtype. A torn last record (a
-    kill during a write) fails its checksum and is cut off on the next open.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh: io.BufferedWriter | None = None
-
-    def read(self) -> tuple[dict[str, Any] | None, list[tuple[list[str], list[np.ndarray]]]]:
-        """(header, [(sha256s, [layer arrays])]) of the intact records; (None, []) if absent or foreign."""
-        if not self.path.exists():
-            return None, []
-        data = self.path.read_bytes()
-        if not data.startswith(WORK_MAGIC):
-            logger.warning("ignoring %s: not an extract work file", self.path)
-            return None, []
-        offset, payloads = len(WORK_MAGIC), []
-        while offset + 8 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, offset)
-            end = offset + 8 + length + 32
-            payload = data[offset + 8: offset + 8 + length]
-            if end > len(data) or hashlib.sha256(payload).digest() != data[end - 32: end]:
-                logger.warning("%s: dropping a torn record at byte %d (interrupted write)", self.path, offset)
-                break
-            payloads.append(payload)
-            offset = end
-        self.valid_bytes = offset
-        if not payloads:
-            return None, []
-        try:
-            header = json.loads(payloads[0])
-            chunks = []
-            for payload in payloads[1:]:
-                with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-                    chunks.append(([s.decode() for s in npz["sha256"]],
-                                   [npz[f"layer_{i}"] for i in range(len(header["key"]["layers"]))]))
-        except (ValueError, KeyError, TypeError, OSError) as exc:  # another format version
-            logger.warning("ignoring %s: unreadable (%s: %s)", self.path, type(exc).__name__, exc)
-            return None, []
-        return header, chunks
-
-    def open(self, header: dict[str, Any], *, resume: bool) -> None:
-        """Start a new log with `header`, or (resume) append after the intact records of the existing one."""
-        if resume:
-            self._fh = open(self.path, "r+b")
-            self._fh.seek(self.valid_bytes)
-            self._fh.truncate()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "wb")
-            self._fh.write(WORK_MAGIC)
-            self._append(json.dumps(header, sort_keys=True).encode())
-
-    def append(self, sha256s: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
-        """Durably record one batch: `arrays[i]` [B, V, D] for layer i."""
-        buffer = io.BytesIO()
-        np.savez(buffer, sha256=np.array(sha256s, dtype="S64"),
-                 **{f"layer_{i}": a for i, a in enumerate(arrays)})
-        self._append(buffer.getvalue())
-
-    def _append(self, payload: bytes) -> None:
-        assert self._fh is not None
-        self._fh.write(struct.pack("<Q", len(payload)) + payload + hashlib.sha256(payload).digest())
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def remove(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
-
-
-def work_path_for(out: Path, *, augmented: bool = False) -> Path:
-    """The work file of the main rows (`.<name>.work`) or of the augmented rows (`.<name>.augmented.work`)."""
-    return out.with_name(f".{out.name}{'.augmented' if augmented else ''}.work")
-
-
-def lock_path_for(out: Path) -> Path:
-    return out.with_name(f".{out.name}.lock")
-
-
 @contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[Path]:
-    """Hold an exclusive, non-blocking flock on `.<out name>.lock` (beside `out`) for the block.
-
-    A second holder (another extract on the same output, e.g. one left running after DVC's own lock was
-    removed) makes this raise LockError at once, naming the holder's PID. The lock file holds this
-    process's PID and is removed (while still locked) on exit; one left by a kill is harmless, since the
-    kernel releases the lock with the process.
-    """
-    path = lock_path_for(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LockError(f"another extract is writing {out} (pid {holder}); wait for it or kill it "
-                               f"(lock file {path})") from None
-        try:
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)  # the previous holder removed the file between our open and flock: lock the new one
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
-    finally:
-        path.unlink(missing_ok=True)  # before unlocking, so that a waiter sees a changed inode and retries
-        os.close(fd)
-
-
-def to_storage(features: dict[str, np.ndarray], layers: Sequence[str], *, tta_mode: str,
-               storage_dtype: str) -> list[np.ndarray]:
-    """Per layer [B, V, D] float32 -> [B, V', D] in the storage dtype (V' = 1 when views are averaged)."""
-    out = []
-    for layer in layers:
-        values = features[layer]
-        if tta_mode == "average":
-            values = values.mean(axis=1, keepdims=True, dtype=np.float32)
-        out.append(values.astype(storage_dtype))
-    return out
-
-
-# ------------------------------------------------------------------------------------ output
-def write_features(out: Path, *, rows: Sequence[ManifestRow], pool: RowPool, attrs: dict[str, Any],
-                   augmented: RowPool | None = None) -> None:
-    """Write features/<backbone>.h5 in manifest order, atomically, with `track_times=False` everywhere
-    so that the same rows and attributes give the same bytes. Rows per image: V' (see stored_views).
-    `augmented`: the train images' augmented views, written as augmented/<layer> and augmented_source."""
-    key = pool.key
-    views = stored_views(key)
-    n_rows = len(rows) * views
-    # Built in memory (HDF5 core driver), then written with plain file I/O: on a full disk HDF5 reports the failed
-    # write while closing the file, where h5py only prints it and the process may crash; a Python write raises
-    # OSError(ENOSPC) instead, and atomic_path keeps the previous file. The image is the same bytes as a file.
-    with h5py.File(out.name, "w", driver="core", backing_store=False, track_order=False) as h5:
-        group = h5.create_group("features", track_order=False)
-        for layer in key["layers"]:
-            values = np.stack([pool.rows[r.sha256][layer] for r in rows]).reshape(n_rows, -1)
-            chunk_rows = max(1, min(n_rows, CHUNK_BYTES // max(1, values.shape[1] * values.itemsize)))
-            group.create_dataset(layer, data=values, chunks=(chunk_rows, values.shape[1]),
-                                 track_times=False)
-        columns = {
-            "labels": np.repeat(np.array([r.label for r in rows], dtype=np.int64), views),
-            "split": np.repeat(np.array([r.split.encode() for r in rows], dtype="S5"), views),
-            "sha256": np.repeat(np.array([r.sha256.encode() for r in rows], dtype="S64"), views),
-            "path": np.repeat(np.array([r.path for r in rows], dtype=object), views),
-        }
-        if key["tta_mode"] == "rows":
-            columns["view"] = np.tile(np.array([v.encode() for v in key["tta"]], dtype="S8"), len(rows))
-        for name, values in columns.items():
-            dtype = h5py.string_dtype("utf-8") if name == "path" else values.dtype
-            h5.create_dataset(name, data=values, dtype=dtype, track_times=False)
-        if augmented is not None:
-            _write_augmented(h5, rows=rows, pool=augmented)
-        for name, value in attrs.items():
-            h5.attrs[name] = value
-        h5.flush()
-        image = h5.id.get_file_image()
-    with atomic_path(out, suffix=".h5") as tmp:
-        tmp.write_bytes(image)
-
-
-def _write_augmented(h5: h5py.File, *, rows: Sequence[ManifestRow], pool: RowPool) -> None:
-    """augmented/<layer> [M, D] and augmented_source [M] int64 (the manifest index of each row's image): the
-    `views` rows of each train image in manifest order, view 0 first."""
-    views = pool.key["augment"]["views"]
-    train = [i for i, r in enumerate(rows) if r.split == "train"]
-    h5.create_dataset("augmented_source", data=np.repeat(np.array(train, dtype=np.int64), views), track_times=False)
-    group = h5.create_group("augmented", track_order=False)
-    for layer in pool.key["layers"]:
-        width = h5[f"features/{layer}"].shape[1]
-        values = (np.stack([pool.rows[rows[i].sha256][layer] for i in train]).reshape(-1, width) if train
-                  else np.zeros((0, width), dtype=pool.key["storage_dtype"]))
-        chunk_rows = max(1, min(len(values), CHUNK_BYTES // max(1, width * values.itemsize)))
-        group.create_dataset(layer, data=values, chunks=(chunk_rows, width) if len(values) else None,
-                             track_times=False)
-
-
-def file_attributes(*, key: dict[str, Any], n_images: int, manifest_sha256: str, classes: Sequence[str],
-                    precision_reason: str, layer_aliases: dict[str, str], augment: dict[str, Any]) -> dict[str, Any]:
-    """The provenance attributes of the features file (the contract in the project notes)."""
-    versions = {name: module_version(name) for name in ("torch", "torchvision", "timm", "numpy", "h5py", "PIL")}
-    versions["python"] = platform.python_version()
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": key["backbone"],
-        "weights_sha256": key["weights_sha256"],
-        "layers": json.dumps(key["layers"]),
-        "preprocess": json.dumps(key["preprocess"]),
-        "storage_dtype": key["storage_dtype"],
-        "precision": key["precision"],
-        "precision_reason": precision_reason,  # why that precision: params or hardware capability, never a timing
-        "layer_aliases": json.dumps(layer_aliases, sort_keys=True),  # e.g. {"mid": "blocks.5"}
-        "augment": json.dumps(augment, sort_keys=True),  # {"views": 0}: no augmented rows
-        "n_images": n_images,
-        "manifest_sha256": manifest_sha256,
-        "classes": json.dumps(list(classes)),
-        "versions": json.dumps(versions, sort_keys=True),
-        "tta": json.dumps(key["tta"]),
-        "tta_mode": key["tta_mode"],
-    }
-
-
-def gather_reusable(key: dict[str, Any], shas: set[str], *, previous: RowPool | None,
-                    work_header: dict[str, Any] | None, work_chunks: Sequence[tuple[list[str], list[np.ndarray]]]
-                    ) -> tuple[RowPool, dict[str, int]]:
-    """Rows for the images `shas` computed earlier with provenance `key`: from the previous output and
-    from the work file of an interrupted run. Returns (pool, {"features": n, "work_file": n})."""
-    pool, counts = RowPool(key), {"features": 0, "work_file": 0}
-    if previous is not None and canonical(previous.key) == canonical(key):
-        for sha in shas & previous.rows.keys():
-            pool.rows[sha] = previous.rows[sha]
-            counts["features"] += 1
-    if work_header is not None and canonical(work_header["key"]) == canonical(key):
-        for sha256s, arrays in work_chunks:
-            for i, sha in enumerate(sha256s):
-                if sha in shas and sha not in pool:
-                    pool.rows[sha] = {layer: arrays[j][i] for j, layer in enumerate(key["layers"])}
-                    counts["work_file"] += 1
-    return pool, counts
-
-
-@dataclass
-class RowSource:
-    """Rows of one kind (main, or augmented views) for one provenance key: those reusable, and the work file
-    that records the ones computed now."""
-    pool: RowPool
-    reused_from: dict[str, int]  # {"features": n, "work_file": n}
-    work: WorkLog
-    header: dict[str, Any] | None  # the work file's header, when it was written with this key
-
-
-@dataclass
-class Reusable:
-    """Rows computed earlier: the previous output (persist: true) and an interrupted run's work files."""
-    previous: RowPool | None  # the previous output's main rows (trusted ones only)
-    main: RowSource
-    augmented: RowSource | None  # None when extract.augment_views is 0
-
-
-def previous_output_trusted(out: Path, report: Path) -> bool:
-    """Whether the previous output `out` is the file the previous run wrote: its sha256 equals the
-    `features_sha256` recorded in that run's report. A warning says why when it is not."""
-    try:
-        recorded = read_json(report).get("features_sha256")
-    except FileNotFoundError:
-        logger.warning("not reusing %s: no previous report %s records its sha256; recomputing its rows", out, report)
-        return False
-    except (OSError, ValueError, AttributeError) as exc:
-        logger.warning("not reusing %s: previous report %s is unreadable (%s: %s); recomputing its rows",
-                       out, report, type(exc).__name__, exc)
-        return False
-    if not recorded:
-        logger.warning("not reusing %s: previous report %s has no features_sha256; recomputing its rows", out, report)
-        return False
-    actual = sha256_file(out)
-    if actual != recorded:
-        logger.warning("not reusing %s: its sha256 is %s but %s records %s (the file was changed after it was "
-                       "written); recomputing its rows", out, actual, report, recorded)
-        return False
-    return True
-
-
-def read_reusable(out: Path, key: dict[str, Any], shas: set[str], *, report: Path | None = None,
-                  augmented_key: dict[str, Any] | None = None, augmented_shas: set[str] = frozenset()) -> Reusable:
-    """The reusable rows for provenance `key` (images `shas`) and, with `augmented_key`, the augmented views of
-    the images `augmented_shas`.
-
-    `report`: the previous run's extract.json; the previous output is reused only when it matches the
-    sha256 recorded there (previous_output_trusted). None: the caller vouches for `out` (not checked).
-    The work files' records carry their own checksums.
-    """
-    trusted = not out.exists() or report is None or previous_output_trusted(out, report)
-    previous_main, previous_augmented = (read_rows(out) if trusted else None) or (None, None)
-    main = _row_source(WorkLog(work_path_for(out)), key, shas, previous_main)
-    augmented = (None if augmented_key is None else
-                 _row_source(WorkLog(work_path_for(out, augmented=True)), augmented_key, augmented_shas,
-                             previous_augmented))
-    return Reusable(previous=previous_main, main=main, augmented=augmented)
-
-
-def _row_source(work: WorkLog, key: dict[str, Any], shas: set[str], previous: RowPool | None) -> RowSource:
-    header, chunks = work.read()
-    if header is not None and (header.get("format_version") != FORMAT_VERSION or
-                               canonical(header["key"]) != canonical(key)):
-        logger.info("%s was written with other settings; not reusing it", work.path)
-        header, chunks = None, []
-    pool, counts = gather_reusable(key, shas, previous=previous, work_header=header, work_chunks=chunks)
-    return RowSource(pool=pool, reused_from=counts, work=work, header=header)
-
-
-def record_batches(source: RowSource, batches: Iterable[tuple[Sequence[str], Sequence[np.ndarray]]], *,
-                   header: dict[str, Any], resume: bool, total: int, desc: str,
-                   on_batch: Callable[[], None] | None = None) -> float:
-    """Consume computed `batches` (sha256s [B], per layer [B, V, D] in the storage dtype), each first durably
-    appended to `source.work` (started with `header`, or continued with `resume`), then added to `source.pool`.
-    Returns the seconds taken (the batches' computation included). The log stays for resuming on an error."""
-    layers = source.pool.key["layers"]
-    source.work.open(header, resume=resume)
-    start = time.perf_counter()
-    try:
-        with progress(total=total, unit="img", desc=desc) as bar:
-            for sha256s, arrays in batches:
-                source.work.append(sha256s, arrays)
-                source.pool.add(sha256s, dict(zip(layers, arrays)))
-                bar.update(len(sha256s))
-                if on_batch is not None:
-                    on_batch()
-    finally:
-        source.work.close()
-    return time.perf_counter() - start
+def open_checked(features_path: Path, *, backbone: str, manifest_path: Path,
+                 weights_path: Path) -> Iterator[tuple[FeatureReader, dict[str, str]]]:
+    """read_checked's checks on a lazily opened file (open_features): yields (reader, input hashes)."""
+    manifest, hashes = _input_hashes(backbone=backbone, manifest_path=manifest_path, weights_path=weights_path)
+    with open_features(features_path) as reader:
+        _check_inputs(reader, backbone=backbone, manifest_path=manifest_path, weights_path=weights_path,
+                      manifest=manifest, hashes=hashes)
+        yield reader, hashes

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from stages import extract as ex
-from stages import features as ft
+from stages import features_write as ft
 from stages import hardware
 from stages.engines import Candidate, choose
 from stages.engines.torch import TorchEngine, resolve_device

@@ -43,7 +43,7 @@ import yaml
 from stages import data as data_stage
 from stages import extract as ex
 from stages.engines import Candidate, choose
-from stages.features import work_path_for
+from stages.features_write import work_path_for
 from stages import hardware
 from stages import head as head_stage
 from stages import predict as predict_stage
