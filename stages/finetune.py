@@ -98,7 +98,8 @@ from stages.backbones import Backbone, Preprocess, WeightsError, get_backbone, i
 from stages.checkpoints import seed_everything
 from stages.distributed import Distributed, init_distributed
 from stages.evaluation import Predictions, predictions_from_proba, write_predictions
-from stages.export import onnx_path_for, read_sample_images, save_export, save_onnx
+from stages.export import save_export
+from stages.export_onnx import onnx_path_for, read_sample_images, save_onnx
 from stages.finetune_data import (SplitPlan, make_loader, per_rank_batch_size, plan_splits, resolve_workers,
                                   train_augmentation)
 from stages.finetune_net import (FinetuneError, FinetuneNet, Probe, apply_regime, build_finetune_net,

@@ -66,8 +66,8 @@ from stages.neighbours import cosine_search, knn_vote
 from stages.params import HeadParams, ParamError, load_params
 from stages.probes import (Candidate, Probe, ProbeError, Score, choose, export_head, fit_recording, probe_pipeline,
                            sweep_C, verify_export)
-from stages.export import (build_export, classifier_from_export, onnx_path_for, preprocess_from,
-                           read_sample_images, save_export, save_onnx)
+from stages.export import build_export, classifier_from_export, preprocess_from, save_export
+from stages.export_onnx import onnx_path_for, read_sample_images, save_onnx
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from stages.hardware import available_cores
-from stages.export import (ExportedClassifier, ExportError, OnnxClassifier, load_classifier, load_onnx,
-                           onnx_path_for)
+from stages.export import ExportedClassifier, ExportError, load_classifier
+from stages.export_onnx import OnnxClassifier, load_onnx, onnx_path_for
 from stages.images import IMAGE_EXTENSIONS, ImageDecodeError, eval_dataset
 from stages.io import progress, setup_logging
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from stages import export as ex
+from stages import export_onnx as exo
 from stages import predict
 from stages.backbones import (IMAGENET_MEAN, IMAGENET_STD, Backbone, WeightsSource, build_model, classifier_path,
                               replace_module)
@@ -89,10 +90,10 @@ def test_head_stage_writes_an_onnx_model_that_matches_the_export_on_heldout_imag
     assert export["layers"] == ["pool", "blocks.3"] and export["head"]["l2_blocks"] == [POOL_DIM, MID_DIM]
     classifier = ex.classifier_from_export(export)
     test_paths = sorted(str(p.relative_to(stage["raw"])) for p in (stage["raw"] / "test").rglob("*.jpg"))
-    images = ex.read_sample_images(stage["raw"], test_paths, classifier.preprocess)
+    images = exo.read_sample_images(stage["raw"], test_paths, classifier.preprocess)
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     session = onnxruntime.InferenceSession(str(stage["onnx"]), providers=["CPUExecutionProvider"])
-    assert ex.verify_onnx(session, classifier, images) <= 1e-6
+    assert exo.verify_onnx(session, classifier, images) <= 1e-6
     (inputs,), (outputs,) = session.get_inputs(), session.get_outputs()
     assert (inputs.name, inputs.type, inputs.shape[1:]) == ("images", "tensor(float)", [3, 32, 32])
     assert isinstance(inputs.shape[0], str) and outputs.name == "probabilities"  # dynamic batch
@@ -109,20 +110,20 @@ def test_onnx_matches_torch_for_every_head_type(case: str, stage: dict, tmp_path
     placeholder = {"type": "linear", "weight": torch.zeros(3, 1), "bias": torch.zeros(3)}
     embedding = ex.classifier_from_export(tiny_export(placeholder, layers=layers, tta=tta))
     paths = sorted(str(p.relative_to(stage["raw"])) for p in stage["raw"].rglob("*.jpg"))
-    images = ex.read_sample_images(stage["raw"], paths, embedding.preprocess)
+    images = exo.read_sample_images(stage["raw"], paths, embedding.preprocess)
     with torch.inference_mode():
         features = embedding.embed(images)
     export = tiny_export(head_for(kind, features, [POOL_DIM, MID_DIM] if len(layers) == 2 else None),
                          layers=layers, tta=tta)
     classifier = ex.classifier_from_export(export)
-    assert len(images) == ex.ONNX_PARITY_IMAGES
-    report = ex.save_onnx(tmp_path / "classifier.onnx", export, images=images)
-    assert report["images"] == 16 and report["max_difference"] <= ex.ONNX_PARITY_TOLERANCE
+    assert len(images) == exo.ONNX_PARITY_IMAGES
+    report = exo.save_onnx(tmp_path / "classifier.onnx", export, images=images)
+    assert report["images"] == 16 and report["max_difference"] <= exo.ONNX_PARITY_TOLERANCE
     with torch.inference_mode():
         expected = classifier(images).numpy()
-    got = ex.load_onnx(tmp_path / "classifier.pt")(images).numpy()  # the .onnx beside a .pt
+    got = exo.load_onnx(tmp_path / "classifier.pt")(images).numpy()  # the .onnx beside a .pt
     assert got.dtype == np.float64 and (got.argmax(1) == expected.argmax(1)).all()
-    np.testing.assert_allclose(got, expected, rtol=0, atol=ex.ONNX_PARITY_TOLERANCE)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=exo.ONNX_PARITY_TOLERANCE)
     assert len(set(expected.argmax(1).tolist())) > 1 and expected.max() < 0.9999  # not a degenerate check
 
 
@@ -133,7 +134,7 @@ def test_metadata_carries_what_running_the_model_needs(stage: dict) -> None:
                         "preprocess": json.dumps(export["backbone"]["preprocess"]),
                         "layers": json.dumps(["pool", "blocks.3"]), "tta": json.dumps(["none"]),
                         "precision": "float32", "head": "linear/softmax"}
-    model = ex.load_onnx(stage["onnx"])
+    model = exo.load_onnx(stage["onnx"])
     torch_model = ex.classifier_from_export(export)
     assert (model.name, model.classes, model.preprocess) == ("tiny", torch_model.classes, torch_model.preprocess)
 
@@ -170,7 +171,7 @@ def test_a_missing_onnx_names_the_file_and_the_stage_to_run(stage: dict, tmp_pat
     assert f"{model.with_suffix('.onnx')} does not exist; run `dvc repro head@tiny`" in caplog.text
     with pytest.raises(ex.ExportError, match=r"finetune/tiny/classifier.onnx does not exist; run `dvc repro "
                                              r"finetune@tiny`"):
-        ex.load_onnx(tmp_path / "models" / "finetune" / "tiny" / "classifier.pt")
+        exo.load_onnx(tmp_path / "models" / "finetune" / "tiny" / "classifier.pt")
     caplog.clear()
     with caplog.at_level(logging.ERROR):  # the torch engine given a .onnx
         assert predict.main([image, "--model", str(stage["onnx"]), "--engine", "torch"]) == 1
@@ -181,21 +182,21 @@ def test_a_disagreeing_onnx_model_is_refused_and_not_written(stage: dict, tmp_pa
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     export = ex.load_export(stage["model"])
     classifier = ex.classifier_from_export(export)
-    images = ex.read_sample_images(stage["raw"], ["val/ants/ants00.jpg", "val/bees/bees00.jpg"],
+    images = exo.read_sample_images(stage["raw"], ["val/ants/ants00.jpg", "val/bees/bees00.jpg"],
                                    classifier.preprocess)
     session = onnxruntime.InferenceSession(str(stage["onnx"]), providers=["CPUExecutionProvider"])
     other = ex.classifier_from_export({**export, "head": {**export["head"], "bias": -export["head"]["bias"] * 50}})
     with pytest.raises(ex.ExportError, match=r"classifier.onnx disagrees with the torch classifier on 2 held-out "
                                              r"images: \d different classes, largest probability difference"):
-        ex.verify_onnx(session, other, images)
+        exo.verify_onnx(session, other, images)
 
     def wrong(*args, **kwargs):  # as if the exporter had produced a different graph
         raise ex.ExportError("classifier.onnx disagrees with the torch classifier")
 
-    monkeypatch.setattr(ex, "verify_onnx", wrong)
+    monkeypatch.setattr(exo, "verify_onnx", wrong)
     target = tmp_path / "classifier.onnx"
     with pytest.raises(ex.ExportError, match="disagrees"):
-        ex.save_onnx(target, export, images=images)
+        exo.save_onnx(target, export, images=images)
     # neither the model nor a temporary file: only the backbone graph cache (complete files, kept for the next run)
     assert [p.name for p in tmp_path.iterdir()] == [".graphs"]
     assert {p.suffix for p in (tmp_path / ".graphs").iterdir()} == {".onnx", ".json"}

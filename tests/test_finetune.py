@@ -25,7 +25,8 @@ from stages.finetune import (CurveLogger, EpochRecord, FinetuneError, FinetuneNe
 from stages.images import MANIFEST_FIELDS, ImageDataset, ManifestRow, eval_transform, read_manifest, train_transform
 from stages.io import sha256_file
 from stages.params import CustomBackbone, FinetuneParams
-from stages.export import load_classifier, load_onnx
+from stages.export import load_classifier
+from stages.export_onnx import load_onnx
 from stages.predict import predict_images
 
 REPO = Path(__file__).resolve().parents[1]

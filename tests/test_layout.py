@@ -92,11 +92,6 @@ def test_the_closure_follows_lazy_and_package_imports() -> None:
 # ------------------------------------------------------------------------------------------------ size limits
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60  # ast end_lineno - lineno + 1: the signature, docstring and body (decorators not counted)
-# Today's offenders, being split by their owners. A ratchet: this list can only shrink. The test fails when an entry
-# is no longer over its limit (or no longer exists), so that whoever brings it under the limit also removes it here.
-ALLOWED_OVER_LIMIT = {
-    "stages/export.py",
-}
 
 
 def function_lengths(source: str, module: str) -> dict[str, int]:
@@ -131,12 +126,8 @@ def sizes_over_limit() -> dict[str, int]:
 
 def test_modules_and_functions_stay_within_the_size_limits() -> None:
     over = sizes_over_limit()
-    new = {name: n for name, n in over.items() if name not in ALLOWED_OVER_LIMIT}
-    assert not new, (f"over the limits ({MAX_MODULE_LINES} lines a module in stages/, {MAX_FUNCTION_LINES} a "
-                     f"function): {new}; split by concern (../shared/DESIGN.md)")
-    fixed = sorted(ALLOWED_OVER_LIMIT - set(over))
-    assert not fixed, (f"{fixed} no longer over the limit (or gone): remove them from ALLOWED_OVER_LIMIT in "
-                       f"tests/test_layout.py, so that they stay within it")
+    assert not over, (f"over the limits ({MAX_MODULE_LINES} lines a module in stages/, {MAX_FUNCTION_LINES} a "
+                      f"function): {over}; split by concern (../shared/DESIGN.md)")
 
 
 def test_the_size_check_measures_methods_and_nested_functions() -> None:

@@ -14,6 +14,7 @@ import yaml
 
 from stages import extract as extract_stage
 from stages import export as export_format
+from stages.export_onnx import onnx_path_for
 from stages import features, predict
 from stages.images import read_manifest
 from test_head import make_project, run_stage  # tests/ is on sys.path under pytest
@@ -161,7 +162,7 @@ def test_auto_engine_takes_the_checked_onnx_beside_the_export_else_torch(project
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = project["model"]
     assert predict.resolve_engine("auto", model, device="auto") == "onnxruntime"
-    assert predict.resolve_engine("auto", export_format.onnx_path_for(model), device="auto") == "onnxruntime"
+    assert predict.resolve_engine("auto", onnx_path_for(model), device="auto") == "onnxruntime"
     assert predict.resolve_engine("auto", model, device="cuda") == "torch"
     assert predict.resolve_engine("torch", model, device="auto") == "torch"
     alone = tmp_path / "classifier.pt"
