@@ -44,6 +44,7 @@ KINDS = ("logreg", "linear_svm", "svm_rbf", "softmax")
 LOGREG_TOL = 1e-5  # lbfgs gradient tolerance on the mean loss; 1e-4 lets warm starts stop at once
 CALIBRATION_FOLDS = 5
 LOGIT_BLOCK_ROWS = 8192  # rows per float64 block when computing logits
+FIT_CHUNK_ROWS = 65536  # rows per float32 chunk when LinearProbe fits features not stored as a float32 array
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -52,7 +53,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     Minimizes mean cross-entropy + |W|^2 / (2 C n) (scikit-learn's LogisticRegression objective divided by
     C n; the bias is not penalized) in float32, on CUDA when present (`device="auto"`), else the CPU's torch
     threads. Zero-initialized, or warm-started from the previous fit when `warm_start` (the C sweep), so the
-    result is deterministic. Features X [N, D] float32 (not copied on the CPU), standardized by the caller.
+    result is deterministic. Features X [N, D] float32 (not copied on the CPU), standardized by the caller; any other
+    X (float16 as stored, or a lazily read array that slices by rows) is fitted full batch too, its loss and gradient
+    summed over FIT_CHUNK_ROWS-row chunks converted to float32 one at a time (memory: one chunk, not a float32 copy).
     `coef_` [K, D] and `intercept_` [K] are float64 copies of the trained layer; `device_` is where it trained.
     On the CPU it fits on one torch thread: each step is two skinny products ([N, D] x [D, K]) bound by memory,
     where a second thread bought little on a quiet 2-core machine and made a C sweep 3-5x slower on a loaded one
@@ -72,9 +75,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.classes_, targets = np.unique(np.asarray(y), return_inverse=True)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto"
                               else self.device)
-        features = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
+        whole = isinstance(X, np.ndarray) and X.dtype == np.float32  # as_tensor shares it on the CPU: no copy
+        chunk_rows = len(X) if whole else FIT_CHUNK_ROWS
+        chunks = [(start, min(len(X), start + chunk_rows)) for start in range(0, len(X), max(1, chunk_rows))]
+        features = torch.as_tensor(X, device=device) if whole else None
         target = torch.as_tensor(targets, device=device)
-        layer = nn.Linear(features.shape[1], len(self.classes_), device=device)
+        layer = nn.Linear(X.shape[1], len(self.classes_), device=device)
         with torch.no_grad():
             previous = getattr(self, "coef_", None)
             if self.warm_start and previous is not None and previous.shape == tuple(layer.weight.shape):
@@ -83,15 +89,26 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             else:
                 layer.weight.zero_()
                 layer.bias.zero_()
-        penalty = 1.0 / (2.0 * self.C * len(features))
+        penalty = 1.0 / (2.0 * self.C * len(X))
         optimizer = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
                                       tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(layer(features), target) + penalty * layer.weight.square().sum()
-            loss.backward()
-            return loss
+            if features is not None:
+                loss = nn.functional.cross_entropy(layer(features), target) + penalty * layer.weight.square().sum()
+                loss.backward()
+                return loss
+            # chunked: the same mean loss and gradient, summed over row chunks converted to float32 one at a time
+            total = penalty * layer.weight.square().sum()
+            total.backward()
+            total = total.detach()
+            for start, stop in chunks:
+                block = torch.as_tensor(np.asarray(X[start:stop], dtype=np.float32), device=device)
+                loss = nn.functional.cross_entropy(layer(block), target[start:stop], reduction="sum") / len(X)
+                loss.backward()
+                total = total + loss.detach()
+            return total
 
         threads = torch.get_num_threads()
         try:  # one CPU thread: see the class docstring

@@ -106,6 +106,29 @@ def test_torch_linear_probe_matches_sklearn_logistic_regression() -> None:
     np.testing.assert_allclose(ours.predict_proba(x), reference.predict_proba(x), atol=1e-4)
 
 
+def test_linear_probe_fits_float16_rows_in_chunks_to_the_whole_batch_solution(monkeypatch) -> None:
+    """Float16 features (as stored) are fitted chunk by chunk, each chunk converted to float32: the same objective
+    as the whole float32 batch, so the same probe; the float16 array itself is never copied whole."""
+    x, y = blobs(40, 3, 8, seed=5, spread=1.0)
+    x16 = StandardScaler().fit_transform(x).astype(np.float16)
+    whole = probes.LinearProbe(0.5).fit(x16.astype(np.float32), y)
+    monkeypatch.setattr(probes, "FIT_CHUNK_ROWS", 7)  # 120 rows: 18 chunks, the last one short
+    seen = []
+    original = np.asarray
+
+    def spy(a, *args, **kwargs):
+        if isinstance(a, np.ndarray) and a.dtype == np.float16 and kwargs.get("dtype") is np.float32:
+            seen.append(len(a))
+        return original(a, *args, **kwargs)
+
+    monkeypatch.setattr(probes.np, "asarray", spy)
+    chunked = probes.LinearProbe(0.5).fit(x16, y)
+    monkeypatch.setattr(probes.np, "asarray", original)
+    assert seen and max(seen) == 7
+    np.testing.assert_allclose(chunked.coef_, whole.coef_, atol=1e-4)
+    np.testing.assert_allclose(chunked.predict_proba(x16), whole.predict_proba(x16), atol=1e-5)
+
+
 def test_choose_takes_the_best_accuracy_then_the_lower_log_loss_then_params_order() -> None:
     def score(C: float, accuracy: float, loss: float) -> hd.Score:
         return hd.Score(hd.Candidate("logreg", ("pool",), "standardize", C), accuracy, loss, 0.0)
