@@ -8,7 +8,8 @@ Runs after extract@NAME and before head@NAME on the features of `audit.layer` (d
 ProvenanceError when it was computed from another manifest, backbone or weight file).
 
 1. Near-duplicates. Every image's `audit.duplicate_neighbors` nearest neighbours by cosine similarity of the
-   L2-normalized features (faiss: exact inner product, HNSW past EXACT_LIMIT images); pairs with similarity >=
+   L2-normalized features (stages/neighbours.py: faiss, exact up to
+   50,000 images, an inverted-file index past them, its recall measured); pairs with similarity >=
    `audit.duplicate_cosine` are candidates, confirmed by a pixel check on small thumbnails so that two different
    photos of one subject are not listed: the Pearson correlation of 24x24 grayscale thumbnails, the best over
    crop windows (whole image, and 90-95% of each side at 3 offsets per side) of either image against the whole
@@ -18,8 +19,9 @@ ProvenanceError when it was computed from another manifest, backbone or weight f
    `drop_from_heldout` also lists the held-out images of every leakage group under `dropped_from_heldout`, and
    head leaves them out of its held-out evaluation (reports/NAME/audit/heldout.json, `python -m stages.head
    --audit`).
-2. Likely label errors. Out-of-fold class probabilities of a standardized logistic regression (C =
-   `audit.label_C`, stratified `audit.label_folds`-fold, sklearn cross_val_predict) on every labelled image,
+2. Likely label errors. Out-of-fold class probabilities of a standardized logistic regression (the head's
+   torch L-BFGS probe, stages/probes.py; C = `audit.label_C`, stratified `audit.label_folds`-fold, sklearn
+   cross_val_predict) on every labelled image,
    filtered by cleanlab (`cleanlab.filter.find_label_issues`, filter_by = `audit.label_filter`) and ranked by
    self-confidence (the probability of the given label, lowest first): the given label, the suggested label (the
    most probable class) and a score (1 - the probability of the given label). Skipped, saying why, when a class
@@ -47,7 +49,6 @@ import csv
 import io
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,12 @@ from stages.evaluation import ProtocolError, heldout_split
 from stages.features import FeaturesError, read_checked, views_per_image
 from stages.images import ImageDecodeError, load_rgb
 from stages.io import atomic_path, setup_logging, write_json, write_text
+from stages.neighbours import cosine_search
 from stages.params import AuditParams, ParamError, load_params
+from stages.probes import LinearProbe
 
 logger = logging.getLogger(__name__)
 
-EXACT_LIMIT = 50_000  # images; past this the neighbour search uses an HNSW graph instead of exact inner products
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
 KINDS = ("duplicates", "leakage", "label_issues", "outliers")
 THUMB = 96  # contact sheet thumbnail side, pixels
@@ -97,28 +99,20 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def nearest_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other rows of unit vectors x [N, D] by inner product (= cosine similarity), via faiss:
-    (similarities [N, k] descending, indices [N, k]; -1 where fewer than k other rows exist)."""
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # not its "no AVX2 build" note on every import
-    import faiss
-
-    n, d = x.shape
+    """The k nearest other rows of unit vectors x [N, D] by inner product (= cosine similarity), through
+    stages.neighbours.cosine_search (exact up to its EXACT_MAX_ROWS, an inverted-file index past it):
+    (similarities [N, k] descending, indices [N, k]; -inf / -1 where fewer than k other rows were found)."""
+    n = len(x)
     k = int(min(k, n - 1))
     if k < 1:
         return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if n <= EXACT_LIMIT:
-        index = faiss.IndexFlatIP(d)
-    else:
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = max(64, 4 * k)
-    index.add(x)
-    sims, idx = index.search(x, k + 1)
-    out_s, out_i = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
-    for row in range(n):  # drop the row itself wherever it ranks (ties with an exact copy may put it second)
-        keep = idx[row] != row
-        s, i = sims[row][keep][:k], idx[row][keep][:k]
-        out_s[row, :len(s)], out_i[row, :len(i)] = s, i
+    found = cosine_search(x, x, k=k + 1, seed=0)
+    sims, idx = found.similarity, found.index
+    other = (idx != np.arange(n)[:, None]) & (idx >= 0)  # the row itself, wherever it ranks (ties with a copy)
+    order = np.argsort(~other, axis=1, kind="stable")[:, :k]  # the other rows first, in rank order
+    keep = np.take_along_axis(other, order, axis=1)
+    out_s = np.where(keep, np.take_along_axis(sims, order, axis=1), -np.inf).astype(np.float32)
+    out_i = np.where(keep, np.take_along_axis(idx, order, axis=1), -1)
     return out_s, out_i
 
 
@@ -218,19 +212,17 @@ def heldout_drops(duplicates: Sequence[dict[str, Any]], heldout: str) -> list[st
 
 
 def out_of_fold_proba(x: np.ndarray, y: np.ndarray, *, folds: int, C: float, seed: int) -> np.ndarray:
-    """Out-of-fold class probabilities [N, K] of StandardScaler + LogisticRegression(C) on x [N, D], labels y [N],
-    stratified `folds`-fold (each row predicted by the model fitted without it)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+    """Out-of-fold class probabilities [N, K] of StandardScaler + the head's logistic probe (stages.probes.LinearProbe:
+    scikit-learn's LogisticRegression objective at C, torch L-BFGS in float32 on one CPU thread, or CUDA) on
+    x [N, D], labels y [N], stratified `folds`-fold (each row predicted by the model fitted without it)."""
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, tol=1e-4))
+    model = make_pipeline(StandardScaler(), LinearProbe(C=C, max_iter=1000))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a ranking: the last digits of a probability do not move it
-        return cross_val_predict(model, np.asarray(x, dtype=np.float64), y, cv=splitter, method="predict_proba")
+    with threadpool_limits(limits=1, user_api="blas"):
+        return cross_val_predict(model, np.asarray(x, dtype=np.float32), y, cv=splitter, method="predict_proba")
 
 
 def label_issues(proba: np.ndarray, y: np.ndarray, *, filter_by: str = "low_self_confidence"
@@ -265,7 +257,7 @@ def outlier_scores(x: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
     if len(x) < 3:
         return np.zeros(len(x)), np.zeros(len(x))
     sims, idx = nearest_neighbours(x, k)
-    scores = np.array([np.median(1.0 - sims[r][idx[r] >= 0]) for r in range(len(x))])
+    scores = np.nanmedian(np.where(idx >= 0, 1.0 - sims.astype(np.float64), np.nan), axis=1)
     median = np.median(scores)
     mad = np.median(np.abs(scores - median)) * MAD_SCALE
     return scores, (scores - median) / max(mad, 1e-6)
