@@ -15,7 +15,7 @@ export PIPELINE_MIRROR
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, timm, h5py, dvc, sklearn, ray.data, onnxruntime, openvino, onnxscript, stages.backbones"
+	$(BIN)/python -c "import torch, torchvision, timm, h5py, dvc, sklearn, ray.data, onnxruntime, openvino, onnxscript, xdist, stages.backbones"
 	touch $@
 
 install: $(VENV)/.installed
@@ -48,11 +48,13 @@ finetune-ddp: install
 		--manifest data/prepared/manifest.csv --weights models/pretrained/$(BACKBONE).pth \
 		--probe models/$(BACKBONE)/probe_pool.pt --out models/finetune/$(BACKBONE) --reports reports/finetune/$(BACKBONE)
 
+# Two workers (pytest-xdist); a group per test module and one for the tests on the shared real run (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(BIN)/python -m stages.bench_extract

@@ -30,6 +30,22 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "Pipeline Test", "GIT_AUTHOR_EMAIL": "pipelin
                 "GIT_COMMITTER_NAME": "Pipeline Test", "GIT_COMMITTER_EMAIL": "pipeline-tests@example.invalid"}
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), a group per module, so that module fixtures
+    are built once, and one group for every test on the shared real run, so that `dvc repro` runs once."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "real_pipeline" if "real_pipeline" in getattr(item, "fixturenames", ()) else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker computes on one thread: two workers on two cores, not four threads fighting for them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run faster (and the same) on one thread than on two contended ones; restore afterwards."""
