@@ -1,6 +1,7 @@
 """Fixtures shared by several test modules, and the one real pipeline run the pipeline-level tests share.
 
-`real_pipeline` (session scope) runs `dvc repro` once on the real hymenoptera images (found through
+`real_pipeline` (session scope: once per pytest-xdist worker that runs a test on it; `make test` runs
+test_e2e.py and test_workflows.py, whole files, on its two workers) runs `dvc repro` on the real hymenoptera images (found through
 $PIPELINE_MIRROR, as `make run` finds them) with the real offline efficientnet_lite0 and every other setting
 as params.yaml has it, and commits the result to git. Each module that needs a real run takes its own copy
 (`real_pipeline.copy_to(dest)`: workspace, .git and the DVC cache), so a test that edits params, re-runs stages
@@ -28,16 +29,6 @@ LITE0 = "efficientnet_lite0"
 REAL_PIPELINE_PARAMS = {"backbones": [LITE0]}
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "Pipeline Test", "GIT_AUTHOR_EMAIL": "pipeline-tests@example.invalid",
                 "GIT_COMMITTER_NAME": "Pipeline Test", "GIT_COMMITTER_EMAIL": "pipeline-tests@example.invalid"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), a group per module, so that module fixtures
-    are built once, and one group for every test on the shared real run, so that `dvc repro` runs once."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = "real_pipeline" if "real_pipeline" in getattr(item, "fixturenames", ()) else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_configure(config: pytest.Config) -> None:
