@@ -48,13 +48,13 @@ finetune-ddp: install
 		--manifest data/prepared/manifest.csv --weights models/pretrained/$(BACKBONE).pth \
 		--probe models/$(BACKBONE)/probe_pool.pt --out models/finetune/$(BACKBONE) --reports reports/finetune/$(BACKBONE)
 
-# Two workers (pytest-xdist), whole test files per worker (--dist loadfile: module fixtures are built once).
-PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q
 
+# The quick loop: the tests not marked slow on two pytest-xdist workers.
+PYTEST_WORKERS ?= 2
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
 
 bench: install
 	$(BIN)/python -m stages.bench_extract

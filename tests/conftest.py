@@ -1,8 +1,7 @@
 """Fixtures shared by several test modules, and the one real pipeline run the pipeline-level tests share.
 
-`real_pipeline` (session scope: once per pytest-xdist worker that runs a test on it; `make test` runs
-test_e2e.py and test_workflows.py, whole files, on its two workers) runs `dvc repro` on the real hymenoptera images (found through
-$PIPELINE_MIRROR, as `make run` finds them) with the real offline efficientnet_lite0 and every other setting
+`real_pipeline` (session scope: once per test process; `make test` is one process) runs `dvc repro` on the
+real hymenoptera images (found through $PIPELINE_MIRROR, as `make run` finds them) with the real offline efficientnet_lite0 and every other setting
 as params.yaml has it, and commits the result to git. Each module that needs a real run takes its own copy
 (`real_pipeline.copy_to(dest)`: workspace, .git and the DVC cache), so a test that edits params, re-runs stages
 or breaks files changes nothing the others see.
@@ -32,7 +31,7 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "Pipeline Test", "GIT_AUTHOR_EMAIL": "pipelin
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Each xdist worker computes on one thread: two workers on two cores, not four threads fighting for them."""
+    """Each pytest-xdist worker (`make test-fast`) computes on one thread: two workers on two cores, not four threads."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
 
