@@ -39,7 +39,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.images import load_rgb
 from stages.io import atomic_path, read_json, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -154,7 +153,10 @@ def file_uri(path: Path, mime: str = "image/png") -> str | None:
 
 def make_thumbnail(image_path: Path, *, size: int = THUMB_SIZE, quality: int = THUMB_QUALITY) -> bytes:
     """JPEG bytes of the image shrunk to at most `size` px a side, decoded by the project's one rule
-    (stages.images.load_rgb: EXIF orientation, 16-bit, CMYK, alpha over white)."""
+    (stages.images.load_rgb: EXIF orientation, 16-bit, CMYK, alpha over white). Imported here: stages.images
+    imports torch (seconds), which the rest of the report never needs."""
+    from stages.images import load_rgb
+
     image, _ = load_rgb(image_path, draft_size=2 * size)  # JPEG: decoded at a reduced scale, much faster
     image.thumbnail((size, size))
     buffer = io.BytesIO()

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -637,3 +638,11 @@ def test_paths_outside_data_raw_get_no_thumbnail(project: Path) -> None:
     run_report(project)
     gallery = page_of(project).split('id="bb-efficientnet_lite0"')[1].split("</section>")[0]
     assert "image not available" in gallery and "<img" not in gallery.split("Misclassified")[1]
+
+
+def test_report_starts_without_torch() -> None:
+    """The report stage reads JSON/CSV and draws with matplotlib: importing it must not pull torch in (seconds)."""
+    code = "import sys, stages.report; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
