@@ -77,7 +77,8 @@ def calibration_sentence(calibration: dict[str, Any]) -> str:
         return f"Its probabilities are not temperature-scaled ({calibration.get('reason', 'head.calibration: none')})."
     return (f"Its probabilities are temperature-scaled: softmax(logits / T), T = {calibration['temperature']:.4g}, "
             f"fitted on the out-of-fold logits of {calibration['fitted_on']['images']} selection images; held-out "
-            f"log loss {calibration['heldout']['log_loss_before']:.4f} -> {calibration['heldout']['log_loss_after']:.4f}.")
+            f"log loss {calibration['heldout']['log_loss_before']:.4f} -> "
+            f"{calibration['heldout']['log_loss_after']:.4f}.")
 
 
 def escape_md(text: str) -> str:
