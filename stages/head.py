@@ -35,9 +35,12 @@
 
 Outputs (predictions are the argmax of the probabilities everywhere; every accuracy has a 95% Wilson interval):
     reports/NAME/metrics.json        DVC metrics: heldout.* (accuracy, accuracy_ci_low/high, ...), heldout_split,
-                                     selection (method, chosen, candidates), feature_sets, knn, few_shot
+                                     selection (method, chosen, candidates, class_weight), class_weight,
+                                     calibration (T, held-out ECE / log loss before and after), feature_sets, knn,
+                                     few_shot
     reports/NAME/predictions.json    held-out predictions per row (probe: calibrated, as exported; knn, layers=...)
-    reports/NAME/errors.csv          misclassified held-out images: path,true,predicted,prob (prob of the prediction)
+    reports/NAME/errors.csv          misclassified held-out images: path,true,predicted,prob (prob of the prediction,
+                                     calibrated)
     reports/NAME/plots/confusion.json, calibration.json, per_class.json (DVC plots, held-out) and the same as PNG
     models/NAME/classifier.pt        backbone + preprocessing + head (format: stages/export.py)
     models/NAME/classifier.onnx      the same classifier for ONNX Runtime, checked against it on held-out images
