@@ -5,7 +5,8 @@ only how confident the probabilities are. T is fitted, by minimizing the mean ne
 out-of-fold logits of the chosen candidate over the selection images: each image's logits come from the
 selection fold fit that did not see it (stages/head.py `select` keeps them for the best logit candidate, so the
 calibration costs no extra fit). The held-out split fits nothing; its ECE and log loss before and after are
-reported. The chosen setting's final refit on all selection images then carries T into the export
+reported. When every out-of-fold prediction is right, T is not identified (the likelihood rises without end as
+T -> 0) and stays 1. The chosen setting's final refit on all selection images then carries T into the export
 (stages/export.py `head.temperature`), so `predict` outputs calibrated probabilities.
 
 Only the logit kinds (logreg, softmax) are scaled; linear_svm and svm_rbf probabilities already come from Platt
@@ -73,6 +74,10 @@ def calibrate(probe: Probe, best: Score, labels: np.ndarray, *, method: str,
                          f"stages/head.py select")
     rows, logits = best.out_of_fold
     y = np.asarray(labels)[rows]
+    if np.array_equal(np.asarray(logits).argmax(1), y):  # the NLL keeps falling as T -> 0: T is not identified
+        reason = (f"every one of the {len(rows)} out-of-fold predictions is right, so the likelihood keeps rising "
+                  f"as T -> 0 and would make every probability 0 or 1; T kept at 1")
+        return dataclasses.replace(probe, temperature=1.0), {"method": "none", "temperature": 1.0, "reason": reason}
     temperature = fit_temperature(logits, y)
     record = {"method": "temperature", "temperature": temperature,
               "fitted_on": {"images": int(len(rows)), "logits": "out-of-fold: each selection image scored by the "

@@ -10,6 +10,7 @@ from stages import calibration as cal
 from stages import head as hd
 from stages.metrics import expected_calibration_error
 from stages.params import HeadParams
+from stages.probes import Candidate, Probe, Score
 from test_head import protocol_dataset  # tests/ is on sys.path under pytest
 
 
@@ -55,6 +56,20 @@ def test_perfectly_separated_logits_are_sharpened_and_empty_logits_are_an_error(
     assert cal.TEMPERATURE_BOUNDS[0] <= temperature < 0.2  # every image right: sharper is always better
     with pytest.raises(ValueError, match="at least one out-of-fold logit row"):
         cal.fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int))
+
+
+def test_calibrate_keeps_t_at_1_when_no_out_of_fold_prediction_is_wrong() -> None:
+    """With no error to learn from, the fitted T runs to its bound (0 or 1 probabilities): the head keeps T = 1."""
+    logits = np.array([[4.0, 0.0], [0.0, 4.0]] * 10, dtype=np.float32)
+    labels = np.array([0, 1] * 10)
+    best = Score(Candidate(kind="logreg", layers=("pool",), normalization="none", C=1.0), accuracy=1.0,
+                 log_loss=0.02, seconds=0.0, out_of_fold=(np.arange(20), logits))
+    probe = Probe(candidate=best.candidate, model=None, train_seconds=0.0)
+    calibrated, record = cal.calibrate(probe, best, labels, method="temperature", ece_bins=15)
+    assert calibrated.temperature == 1.0 and record["method"] == "none" and "20 out-of-fold" in record["reason"]
+    labels[0] = 1  # one error: the temperature is fitted
+    calibrated, record = cal.calibrate(probe, best, labels, method="temperature", ece_bins=15)
+    assert record["method"] == "temperature" and calibrated.temperature == record["temperature"] != 1.0
 
 
 def protocol(**head) -> dict:
