@@ -37,7 +37,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The head stage on a tiny project: logreg on pool + blocks.3 with per-layer L2 (l2_blocks [256, 48])."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    project = make_project(tmp_path_factory.mktemp("export"), head={
+    project = make_project(tmp_path_factory.mktemp("export"), mislabeled=1, head={
         "kind": ["logreg"], "C": [1.0], "feature_sets": [["pool", "blocks.3"]], "normalization": ["l2+standardize"]})
     write_features(project)
     assert run_stage(project) == 0

@@ -401,10 +401,12 @@ def save_image(path: Path, label: int, seed: int) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_project(root: Path, *, n_train: int = 8, n_val: int = 4, n_test: int = 2,
+def make_project(root: Path, *, n_train: int = 8, n_val: int = 4, n_test: int = 2, mislabeled: int = 0,
                  head: dict | None = None) -> dict:
     """data/raw/<split>/<class>/*.jpg for classes ants (0) and bees (1), the manifest, tiny random weights
-    (timm test_efficientnet, 32x32 input) and a params.yaml declaring them as the custom backbone `tiny`."""
+    (timm test_efficientnet, 32x32 input) and a params.yaml declaring them as the custom backbone `tiny`.
+    mislabeled: the first this many train images of each class look like the other class (so that some
+    out-of-fold predictions are wrong and a temperature can be fitted)."""
     raw = root / "data" / "raw"
     classes = ["ants", "bees"]
     rows = []
@@ -412,7 +414,8 @@ def make_project(root: Path, *, n_train: int = 8, n_val: int = 4, n_test: int = 
         for label, name in enumerate(classes):
             for i in range(count):
                 rel = f"{split}/{name}/{name}{i:02d}.jpg"
-                rows.append([rel, name, label, split, save_image(raw / rel, label, len(rows)), 40, 48])
+                looks = 1 - label if split == "train" and i < mislabeled else label
+                rows.append([rel, name, label, split, save_image(raw / rel, looks, len(rows)), 40, 48])
     prepared = root / "data" / "prepared"
     prepared.mkdir(parents=True)
     with open(prepared / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
@@ -484,7 +487,7 @@ def run_stage(project: dict) -> int:
 
 @pytest.fixture
 def project(tmp_path: Path) -> dict:
-    project = make_project(tmp_path)
+    project = make_project(tmp_path, mislabeled=1)  # an error or two out of fold: the temperature is fitted
     write_features(project)
     return project
 
