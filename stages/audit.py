@@ -280,8 +280,14 @@ def check_labels(rows: Rows, params: AuditParams) -> tuple[dict[str, Any], list[
     check = {"status": "ran", "reason": None, "folds": params.label_folds, "C": params.label_C,
              "filter": params.label_filter,
              "out_of_fold_accuracy": round(float(np.mean(proba.argmax(1) == rows.labels)), 4)}
+    _, near = nearest_neighbours(rows.features, params.outlier_k) if issues else (None, None)
+
+    def example(i: int, label: int) -> str | None:  # the nearest image labelled `label` (shown beside the finding)
+        return next((rows.paths[j] for j in near[i] if j >= 0 and rows.labels[j] == label), None)
+
     return check, [{"path": rows.paths[i], "split": str(rows.split[i]), "given": rows.classes[rows.labels[i]],
-                    "suggested": rows.classes[s], "score": score} for i, s, score in issues]
+                    "suggested": rows.classes[s], "score": score, "suggested_example": example(i, s)}
+                   for i, s, score in issues]
 
 
 def find_outliers(rows: Rows, params: AuditParams) -> list[dict[str, Any]]:
