@@ -21,8 +21,8 @@ n sqrt(n) (an inverted-file index past 50,000 images):
    Fisher z is past `z` robust z-scores of a null sample: the same statistic for images against their k-th pixel
    neighbour (look-alikes that are not copies), and above MIN_CORRELATION (a floor for tiny or very unlike sets).
 
-Outliers: score = the median cosine distance to the k nearest other images; flagged when the robust z of its log
-(distances are positive and skewed: the log makes the bulk symmetric) is above `z`.
+Outliers (stages/audit.py): score = the median cosine distance to the k nearest other images; flagged when its
+robust z over the dataset is above `z`.
 """
 from __future__ import annotations
 

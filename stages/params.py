@@ -278,7 +278,7 @@ class AuditParams:
     label_filter: Literal["low_self_confidence", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
                           "predicted_neq_given", "low_normalized_margin"] = "low_self_confidence"
     outlier_k: int = 10  # outlier score: median cosine distance to the k nearest other images
-    outlier_z: float = 3.5  # outlier when the robust z-score of log(score) over the dataset (median, MAD) is above this
+    outlier_z: float = 3.5  # outlier when the score's robust z-score over the dataset (median, MAD) is above this
     sheet_max: int = 48  # thumbnails per contact sheet
     seed: int = 0
     checks = {"duplicate_neighbors": _positive, "duplicate_z": _positive, "label_C": _positive,
