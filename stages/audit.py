@@ -50,9 +50,11 @@ import argparse
 import csv
 import io
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +64,11 @@ from threadpoolctl import threadpool_limits
 
 from stages.evaluation import ProtocolError, heldout_split
 from stages.features import FeaturesError, read_checked, views_per_image
-from stages.audit_rules import (THUMB_SIDE, WINDOW_SIDE, Thumbs, candidate_pairs, confirm_threshold, crop_boxes,
-                                feature_evidence, null_pairs, pixel_evidence, pixel_neighbours, pixel_similarity,
-                                robust_z, search_thumbnails, thumbnail_windows)
+from stages.audit_rules import (WINDOW_SIDE, Thumbs, candidate_pairs, confirm_threshold, feature_evidence,
+                                gray_square, null_pairs, pixel_evidence, pixel_neighbours, pixel_similarity, robust_z,
+                                thumbnail_windows)
 from stages.images import ImageDecodeError, load_rgb
-from stages.io import atomic_path, setup_logging, write_json, write_text
+from stages.io import atomic_path, progress, setup_logging, write_json, write_text
 from stages.neighbours import cosine_search
 from stages.params import AuditParams, ParamError, load_params
 from stages.probes import LinearProbe
@@ -76,6 +78,8 @@ logger = logging.getLogger(__name__)
 KINDS = ("duplicates", "leakage", "label_issues", "outliers")
 THUMB = 96  # contact sheet thumbnail side, pixels
 CSV_FIELDS = ("kind", "paths", "splits", "classes", "score", "suggested_label")
+READ_CHUNK = 1024  # images decoded at a time for the pixel squares
+THUMBS_CACHED = 64  # crop-window descriptors (1 MB each) kept while confirming pairs
 
 
 class AuditError(FeaturesError):
@@ -117,16 +121,18 @@ def nearest_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return out_s, out_i
 
 
-def confirm_pairs(pairs: Sequence[tuple[int, int, float, float]], windows: dict[int, Thumbs | None], *,
+def confirm_pairs(pairs: Sequence[tuple[int, int, float, float]], thumbs: Callable[[int], Thumbs | None], *,
                   min_correlation: float) -> list[tuple[int, int, float, float]]:
     """The candidate pairs (i, j, feature z, pixel z) whose pixel similarity (stages.audit_rules.pixel_similarity)
-    is above min_correlation: (i, j, feature z, correlation). A pair with an image that could not be read (None)
-    is not confirmed."""
+    is above min_correlation: (i, j, feature z, correlation). thumbs(row): an image's descriptor, None when it could
+    not be read (its pairs are not confirmed)."""
     out = []
     for i, j, feature_z, _ in pairs:
-        if windows.get(i) is None or windows.get(j) is None:
+        a = thumbs(i)
+        b = thumbs(j) if a is not None else None
+        if b is None:
             continue
-        correlation = pixel_similarity(windows[i], windows[j])
+        correlation = pixel_similarity(a, b)
         if correlation > min_correlation:
             out.append((i, j, feature_z, round(correlation, 4)))
     return out
@@ -228,39 +234,62 @@ def outlier_scores(x: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ findings
-def read_thumbnails(raw: Path, paths: Sequence[str], rows: Sequence[int], describe: Any) -> dict[int, Any]:
-    """{row: describe(image)} for the images of `rows` under raw (None, with a warning, when one cannot be read)."""
-    out: dict[int, Any] = {}
-    for index in rows:
-        try:
-            image, _ = load_rgb(raw / paths[index], draft_size=WINDOW_SIDE)
-            out[index] = describe(image)
-        except (ImageDecodeError, OSError) as exc:
-            logger.warning("%s: cannot be read for the duplicate check (%s); its pairs stay unconfirmed",
-                           paths[index], exc)
-            out[index] = None
-    return out
+class GraySquares:
+    """Every image's gray square (stages.audit_rules.gray_square: WINDOW_SIDE px, uint8, 4 KiB an image), decoded
+    once from raw, READ_CHUNK images at a time, into an unnamed temporary file that the pixel search and the
+    confirmation read back (the page cache holds them, not the process). `readable` [N]: False for an image that
+    could not be read (warned; its square is zeros and its pairs stay unconfirmed). Use as a context manager."""
+
+    def __init__(self, raw: Path, paths: Sequence[str]) -> None:
+        self.readable = np.ones(len(paths), bool)
+        self._file = tempfile.TemporaryFile()
+        for start in progress(range(0, len(paths), READ_CHUNK), desc="audit: pixel squares", unit="chunk"):
+            block = np.zeros((len(paths[start:start + READ_CHUNK]), WINDOW_SIDE, WINDOW_SIDE), np.uint8)
+            for r, path in enumerate(paths[start:start + READ_CHUNK]):
+                try:
+                    block[r] = gray_square(load_rgb(raw / path, draft_size=WINDOW_SIDE)[0])
+                except (ImageDecodeError, OSError) as exc:
+                    logger.warning("%s: cannot be read for the duplicate check (%s); its pairs stay unconfirmed",
+                                   path, exc)
+                    self.readable[start + r] = False
+            self._file.write(block.tobytes())
+        self._file.flush()
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """The squares of images start..stop-1: uint8 [stop - start, S, S]."""
+        self._file.seek(start * WINDOW_SIDE ** 2)
+        data = self._file.read((stop - start) * WINDOW_SIDE ** 2)
+        return np.frombuffer(data, np.uint8).reshape(-1, WINDOW_SIDE, WINDOW_SIDE)
+
+    def thumbs(self, index: int) -> Thumbs | None:
+        """The crop-window descriptor of one image (stages.audit_rules.thumbnail_windows; None if unreadable)."""
+        return thumbnail_windows(self.read(index, index + 1)[0]) if self.readable[index] else None
+
+    def __enter__(self) -> GraySquares:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
 
 
 def find_duplicates(rows: Rows, *, raw: Path, params: AuditParams) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Near-duplicate groups (stages/audit_rules.py): candidates from the feature and the pixel neighbour lists,
-    confirmed by the crop-window pixel check against the dataset's own null. Returns (groups, the rule's numbers)."""
+    confirmed by the crop-window pixel check against the dataset's own null. Returns (groups, the rule's numbers).
+    Memory: the images' gray squares are on disk (GraySquares); the pixel search keeps ~3.5 KB an image
+    (pixel_neighbours) and the confirmation at most THUMBS_CACHED crop-window descriptors (1 MB each)."""
     n, k, z = len(rows.paths), params.duplicate_neighbors, params.duplicate_z
-    search = read_thumbnails(raw, rows.paths, range(n), search_thumbnails)
-    blank = np.zeros((len(search_thumbnails(Image.new("L", (8, 8)))), THUMB_SIDE ** 2), np.float32)
-    stacked = np.stack([blank if search[i] is None else search[i] for i in range(n)]) if n else blank[None]
-    pixel_s, pixel_i = pixel_neighbours(stacked[:n], k)
-    pixel = {key: v for key, v in pixel_evidence(pixel_s, pixel_i).items()
-             if search[key[0]] is not None and search[key[1]] is not None}
-    pairs = candidate_pairs(feature_evidence(*nearest_neighbours(rows.features, k)), pixel, z=z)
-    null = null_pairs(pixel_i, seed=params.seed)
-    windows = read_thumbnails(raw, rows.paths, sorted({i for p in pairs for i in p[:2]} | {i for p in null for i in p}),
-                              thumbnail_windows)
-    null_values = [pixel_similarity(windows[a], windows[b]) for a, b in null
-                   if windows.get(a) is not None and windows.get(b) is not None]
-    threshold = confirm_threshold(null_values, z=z)
-    confirmed = [(i, j, float(rows.features[i] @ rows.features[j]), r)  # (i, j, cosine, pixel correlation)
-                 for i, j, _, r in confirm_pairs(pairs, windows, min_correlation=threshold)]
+    with GraySquares(raw, rows.paths) as squares, threadpool_limits(limits=1, user_api="blas"):
+        pixel_s, pixel_i = pixel_neighbours(squares.read, squares.readable, k, seed=params.seed)
+        pixel = {key: v for key, v in pixel_evidence(pixel_s, pixel_i).items()
+                 if squares.readable[key[0]] and squares.readable[key[1]]}
+        pairs = candidate_pairs(feature_evidence(*nearest_neighbours(rows.features, k)), pixel, z=z)
+        null = null_pairs(pixel_i, seed=params.seed)
+        thumbs = lru_cache(maxsize=THUMBS_CACHED)(squares.thumbs)  # pairs come sorted: each image's run together
+        null_values = [pixel_similarity(thumbs(a), thumbs(b)) for a, b in null
+                       if squares.readable[a] and squares.readable[b]]
+        threshold = confirm_threshold(null_values, z=z)
+        confirmed = [(i, j, float(rows.features[i] @ rows.features[j]), r)  # (i, j, cosine, pixel correlation)
+                     for i, j, _, r in confirm_pairs(pairs, thumbs, min_correlation=threshold)]
     logger.info("near-duplicates: %d candidate pair(s), %d confirmed by the pixel check (correlation > %.4f: %g "
                 "robust z above %d look-alike pairs)", len(pairs), len(confirmed), threshold, z, len(null_values))
     rule = {"candidate_pairs": len(pairs), "pixel_correlation_threshold": round(threshold, 4),

@@ -6,15 +6,20 @@ copies). A finding is a value past `z` of them, `z` one number for every dataset
 3.5 is Iglewicz and Hoaglin's cut-off): what is unusual is judged against that dataset's spread, not against a
 constant fitted to the development sets.
 
-Near-duplicates (pairs), all searches through stages.neighbours.cosine_search, so the cost grows as n (exact) or
-n sqrt(n) (an inverted-file index past 50,000 images):
+Near-duplicates (pairs), all searches through stages.neighbours (cosine_search, cosine_index), so the cost grows as
+n (exact) or n sqrt(n) (an inverted-file index past 50,000 images):
 1. Feature evidence: for each of an image's k nearest neighbours (cosine of the features), the distance relative to
    the local scale of both images, log(d_ij / sqrt(d_i,k d_j,k)) with d_i,k the distance to the k-th neighbour
    (a copy is much nearer than the image's other neighbours; scale-free, so a dataset whose bulk cosine is high is
    judged by its own spread). Its robust z over every neighbour pair.
-2. Pixel evidence: each image as a 24x24 grayscale thumbnail, zero mean and unit norm (a dot product is the Pearson
-   correlation); its 8 rotations and mirrors are searched against every image's thumbnail (a rotated or mirrored
-   copy is found). The correlation's Fisher z (atanh) as a robust z over every neighbour pair.
+2. Pixel evidence: each image as 24x24 grayscale detail thumbnails, zero mean and unit norm (a dot product is the
+   Pearson correlation), of the whole and of 9 80% windows; the whole thumbnail of every image is indexed (float16,
+   8-bit codes past 50,000 images) and the 8 rotations and mirrors of every thumbnail of each image are searched
+   against it (a rotated, mirrored, cropped or bordered copy is found). The correlation's Fisher z (atanh) as a
+   robust z over every neighbour pair. Memory kept per image (pixel_neighbours): 1152 B (float16 whole) + 2304 B
+   (exact index) or 584 B (8-bit codes + id) + 120 B (lists, k = 10): 3.6 KB up to 50,000 images, 1.9 KB past
+   (1M images: ~1.9 GB), where indexing all ten thumbnails in float32 kept 23 KB (~69 KB with the per-image
+   arrays and the search's float32 copy; 1M: 23-69 GB). The gray squares they come from are on disk (4 KB).
 3. Candidates: pairs whose feature or pixel evidence is past z / 2 (cheap evidence, generous).
 4. Confirmation (pixel_similarity): the best correlation over crop windows (70-100% of each side, 5 offsets) of
    either image against the other's whole thumbnail, its rotations, mirrors and small tilts; confirmed when its
@@ -26,13 +31,14 @@ robust z over the dataset is above `z`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-from stages.neighbours import cosine_search
+from stages.neighbours import EXACT_MAX_ROWS, cosine_index
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
 WINDOW_SIDE = 64  # images squeezed to this square (pixels) before the crop windows
@@ -42,6 +48,7 @@ THUMB_SIDE = 24  # each resized to this square thumbnail (pixels)
 TILTS = (-6.0, 6.0)  # degrees: small rotations of the whole thumbnail also compared
 DETAIL_SIGMA = 3.0  # pixels of the thumbnail: the blur subtracted before correlating
 NULL_SAMPLE = 256
+SEARCH_CHUNK = 256  # images whose pixel search queries (80 rows each, 184 KB) are made and searched at a time
 MIN_CORRELATION = 0.75  # a floor under the confirmation threshold: with few or very unlike images the null's
 #                         spread is poorly measured, and a copy's detail thumbnails correlate far above this anyway  # images whose k-th pixel neighbour gives the null of the confirmation
 
@@ -81,57 +88,105 @@ def crop_boxes(side: int = WINDOW_SIDE, zooms: Sequence[float] = WINDOW_ZOOMS,
     return [(x0, y0, x1, y1) for x0, x1 in spans for y0, y1 in spans]
 
 
+@lru_cache(maxsize=None)
+def _blur_matrix(side: int = THUMB_SIDE, sigma: float = DETAIL_SIGMA) -> np.ndarray:
+    """[side, side] float32: B with B @ x = scipy's gaussian_filter1d(x, sigma, mode="nearest") along axis 0."""
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(np.eye(side), sigma, axis=0, mode="nearest").astype(np.float32)
+
+
 def _standardize(rows: np.ndarray) -> np.ndarray:
     """Flat THUMB_SIDE px thumbnails [R, T*T] less their blur (DETAIL_SIGMA px: the shape of the subject, which
     unrelated look-alikes share, is removed and the detail kept), then zero mean and unit norm per row."""
-    from scipy.ndimage import gaussian_filter
+    squares = rows.reshape(-1, THUMB_SIDE, THUMB_SIDE).astype(np.float32)
+    blur = _blur_matrix()
+    return _unit_rows((squares - blur @ squares @ blur.T).reshape(len(rows), -1))
 
-    squares = rows.reshape(-1, THUMB_SIDE, THUMB_SIDE)
-    rows = (squares - gaussian_filter(squares, sigma=(0, DETAIL_SIGMA, DETAIL_SIGMA), mode="nearest")).reshape(
-        len(rows), -1)
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
     rows = rows - rows.mean(1, keepdims=True)
     return (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-6)).astype(np.float32)
 
 
-def gray_square(image: Image.Image) -> Image.Image:
-    """The image in grayscale (float), squeezed to WINDOW_SIDE x WINDOW_SIDE."""
-    return image.convert("L").resize((WINDOW_SIDE, WINDOW_SIDE), Image.Resampling.BOX).convert("F")
+def bilinear_matrix(start: float, stop: float, *, size: int = WINDOW_SIDE, out: int = THUMB_SIDE) -> np.ndarray:
+    """[out, size] float64: the weights of PIL's BILINEAR resize of the span [start, stop) of `size` pixels to
+    `out` pixels (a triangle filter widened by the scale when shrinking, as PIL's precompute_coeffs), so that
+    R_y @ square @ R_x.T is Image.resize((out, out), BILINEAR, box=(x0, y0, x1, y1)) of a mode "F" square."""
+    scale = (stop - start) / out
+    width = max(scale, 1.0)
+    weights = np.zeros((out, size))
+    for i in range(out):
+        centre = start + (i + 0.5) * scale
+        lo, hi = max(int(centre - width + 0.5), 0), min(int(centre + width + 0.5), size)
+        w = np.maximum(0.0, 1.0 - np.abs((np.arange(lo, hi) - centre + 0.5) / width))
+        weights[i, lo:hi] = w / w.sum() if w.sum() else w
+    return weights
+
+
+@lru_cache(maxsize=8)
+def _span_matrices(spans: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """([len(spans) T, S] resize weights, the same followed by the detail blur) float32, stacked per span."""
+    plain = np.stack([bilinear_matrix(a, b) for a, b in spans]).astype(np.float32)
+    return plain.reshape(-1, WINDOW_SIDE), (_blur_matrix() @ plain).reshape(-1, WINDOW_SIDE)
+
+
+def box_thumbnails(square: np.ndarray, boxes: Sequence[tuple[float, ...]]) -> np.ndarray:
+    """[B, T*T] float32: standardized detail thumbnails (THUMB_SIDE px, _standardize) of the (left, top, right,
+    bottom) boxes of a WINDOW_SIDE px square [S, S]: resize and blur are linear, so every box of a grid of spans
+    comes out of two matrix products (the values of a PIL resize per box, then gaussian_filter, to float32)."""
+    xs = tuple(sorted({(b[0], b[2]) for b in boxes}))
+    ys = tuple(sorted({(b[1], b[3]) for b in boxes}))
+    (rx, bx), (ry, by) = _span_matrices(xs), _span_matrices(ys)
+    g = np.asarray(square, np.float32)
+    detail = (ry @ g @ rx.T - by @ g @ bx.T).reshape(len(ys), THUMB_SIDE, len(xs), THUMB_SIDE)
+    y = np.array([ys.index((b[1], b[3])) for b in boxes])
+    x = np.array([xs.index((b[0], b[2])) for b in boxes])
+    return _unit_rows(detail.transpose(0, 2, 1, 3)[y, x].reshape(len(boxes), -1))
+
+
+def gray_square(image: Image.Image | np.ndarray) -> np.ndarray:
+    """[S, S] float32: the image in grayscale, squeezed to WINDOW_SIDE x WINDOW_SIDE (BOX filter, 8-bit levels);
+    an array is taken as such a square already (read_gray_squares keeps them as uint8)."""
+    if isinstance(image, np.ndarray):
+        return image.astype(np.float32)
+    return np.asarray(image.convert("L").resize((WINDOW_SIDE, WINDOW_SIDE), Image.Resampling.BOX), np.float32)
 
 
 SEARCH_BOXES = [(0.0, 0.0, 1.0, 1.0)] + [(x, y, x + 0.8, y + 0.8) for y in (0.0, 0.1, 0.2) for x in (0.0, 0.1, 0.2)]
 
 
-def search_thumbnails(image: Image.Image) -> np.ndarray:
+def search_thumbnails(image: Image.Image | np.ndarray) -> np.ndarray:
     """[S, T*T] float32: standardized THUMB_SIDE px grayscale thumbnails of the whole image (row 0) and of its
-    80% windows at 3 x 3 offsets (SEARCH_BOXES, fractions of the side): what the pixel neighbour search indexes, so
-    that a bordered copy or a crop finds its original."""
-    gray = gray_square(image)
-    rows = [np.asarray(gray.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR,
-                                   box=tuple(WINDOW_SIDE * v for v in box)), np.float32).ravel()
-            for box in SEARCH_BOXES]
-    return _standardize(np.stack(rows))
+    80% windows at 3 x 3 offsets (SEARCH_BOXES, fractions of the side) of an image or its gray square: row 0 is
+    what the pixel neighbour search indexes, all S rows (with their rotations and mirrors) are its queries, so that
+    a bordered copy or a crop finds its original."""
+    return box_thumbnails(gray_square(image), [tuple(WINDOW_SIDE * v for v in box) for box in SEARCH_BOXES])
 
 
-def dihedral(thumbnail: np.ndarray) -> np.ndarray:
-    """[8, T*T]: a flat thumbnail's 4 rotations and the 4 rotations of its mirror (the identity first)."""
-    square = thumbnail.reshape(THUMB_SIDE, THUMB_SIDE)
-    return np.stack([np.rot90(m, r).ravel() for m in (square, square[:, ::-1]) for r in range(4)])
+def dihedral(thumbnails: np.ndarray) -> np.ndarray:
+    """[..., 8, T*T]: flat thumbnails' [..., T*T] 4 rotations and the 4 rotations of their mirror (identity first)."""
+    squares = thumbnails.reshape(*thumbnails.shape[:-1], THUMB_SIDE, THUMB_SIDE)
+    views = [np.rot90(m, r, axes=(-2, -1)) for m in (squares, squares[..., ::-1]) for r in range(4)]
+    return np.stack(views, axis=-3).reshape(*thumbnails.shape[:-1], 8, -1)
 
 
-def thumbnail_windows(image: Image.Image) -> Thumbs:
-    """The pixel descriptor of an image (Thumbs): crop windows (crop_boxes) and views of the whole."""
-    gray = gray_square(image)
-    windows = np.stack([np.asarray(gray.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, box=box),
-                                   np.float32).ravel() for box in crop_boxes()])
-    whole = gray.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
+def thumbnail_windows(image: Image.Image | np.ndarray) -> Thumbs:
+    """The pixel descriptor of an image or its gray square (Thumbs): crop windows (crop_boxes) and views of the
+    whole (8 rotations and mirrors, then TILTS)."""
+    square = gray_square(image)
+    windows = box_thumbnails(square, crop_boxes())
+    full = _span_matrices(((0.0, float(WINDOW_SIDE)),))[0]
+    whole = Image.fromarray(full @ square @ full.T, "F")
     tilts = [np.asarray(whole.rotate(a, Image.Resampling.BILINEAR, fillcolor=float(np.mean(whole))), np.float32)
              .ravel() for a in TILTS]
-    windows = _standardize(windows)
     return Thumbs(windows=windows, views=np.concatenate([dihedral(windows[0]), _standardize(np.stack(tilts))]))
 
 
 def pixel_similarity(a: Thumbs, b: Thumbs) -> float:
-    """The best correlation of any crop window of one image with any view of the whole other one."""
+    """The best correlation of any crop window of one image with any view of the whole other one (float32; two
+    matrix products [W, P] x [P, V]: one BLAS call each, ~1 ms a pair on one thread, so callers limit BLAS to one
+    thread: on shared cores its threads waited on each other, 30 ms a pair)."""
     return float(max((a.windows @ b.views.T).max(), (b.windows @ a.views.T).max()))
 
 
@@ -168,31 +223,63 @@ def feature_evidence(sims: np.ndarray, idx: np.ndarray) -> dict[tuple[int, int],
     return dict(zip(keys, robust_z(ratio).tolist()))
 
 
-def pixel_neighbours(thumbnails: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's k most correlated other images from search thumbnails [N, S, T*T] (search_thumbnails): the 8
-    rotations and mirrors of its whole thumbnail are searched against every image's S thumbnails
-    (stages.neighbours.cosine_search), the best correlation per other image kept: (correlations [N, k] descending,
-    indices [N, k]; -inf / -1 where fewer were found)."""
-    n, views = thumbnails.shape[:2]
+def pixel_neighbours(read_squares: Callable[[int, int], np.ndarray], readable: np.ndarray, k: int, *,
+                     chunk: int = SEARCH_CHUNK, exact_max_rows: int = EXACT_MAX_ROWS,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's k most correlated other images by search thumbnails (search_thumbnails) of the gray squares
+    read_squares(start, stop) -> uint8 [stop - start, S, S] (images whose `readable` [N] is False take no part):
+    the whole thumbnail of every image is indexed (stages.neighbours.cosine_index, float16 in memory), and the
+    8 rotations and mirrors of each image's S search thumbnails (whole and 80% windows) are its queries, searched
+    `chunk` images at a time and not kept; the best correlation per other image is kept. (Correlation is symmetric
+    under a rotation of both thumbnails, so this finds the pairs that indexing every window and querying the whole
+    found.) Returns (correlations [N, k] descending, indices [N, k]; -inf / -1 where fewer were found).
+    Kept per image: the float16 whole thumbnail (2 T^2 = 1152 bytes), its row in the index (4 T^2 = 2304 bytes
+    exact, T^2 + 8 = 584 past exact_max_rows) and the lists (12 k bytes)."""
+    n = len(readable)
     k = int(min(k, n - 1))
+    out_s = np.full((n, max(k, 0)), -np.inf, np.float32)
+    out_i = np.full((n, max(k, 0)), -1, np.int64)
     if k < 1:
-        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-    queries = np.concatenate([dihedral(t[0]) for t in thumbnails])  # [8N, P], image i's views at 8i..8i+7
-    found = cosine_search(thumbnails.reshape(n * views, -1), queries, k=min(n * views, views * (k + 1)), seed=0)
-    sims = found.similarity.reshape(n, -1)  # [N, 8 S (k + 1)]: every view's neighbours
-    index = np.where(found.index >= 0, found.index // views, -1).reshape(n, -1)
-    valid = (index >= 0) & (index != np.arange(n)[:, None])
-    out_s = np.full((n, k), -np.inf, np.float32)
-    out_i = np.full((n, k), -1, np.int64)
-    for i in range(n):  # best view per other image, then the k best images
-        best: dict[int, float] = {}
-        for j, s in zip(index[i][valid[i]].tolist(), sims[i][valid[i]].tolist()):
-            if s > best.get(j, -np.inf):
-                best[j] = s
-        ranked = sorted(best.items(), key=lambda t: -t[1])[:k]
-        out_i[i, :len(ranked)] = [j for j, _ in ranked]
-        out_s[i, :len(ranked)] = [s for _, s in ranked]
+        return out_s, out_i
+    wholes = np.zeros((n, THUMB_SIDE ** 2), np.float16)
+    for start in range(0, n, chunk):
+        squares = read_squares(start, min(n, start + chunk))
+        for r, square in enumerate(squares):
+            if readable[start + r]:
+                wholes[start + r] = search_thumbnails(square)[0]
+    index, _ = cosine_index(wholes, seed=seed, exact_max_rows=exact_max_rows)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        thumbs = np.stack([search_thumbnails(square) for square in read_squares(start, stop)])  # [C, S, P]
+        sims, found = index.search(dihedral(thumbs).reshape(-1, THUMB_SIDE ** 2), k + 1)
+        rows = np.arange(start, stop)
+        sims, found = sims.reshape(len(rows), -1), found.reshape(len(rows), -1)
+        out_s[start:stop], out_i[start:stop] = best_per_image(sims, found, rows, k)
+        out_s[start:stop][~readable[start:stop]], out_i[start:stop][~readable[start:stop]] = -np.inf, -1
+    out_i[out_s == -np.inf] = -1
     return out_s, out_i
+
+
+def best_per_image(sims: np.ndarray, found: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of the hits sims / found [C, H] of the images `rows` [C] (found -1: none), the k best other images each, each
+    at its best similarity: (similarities [C, k] descending, indices [C, k]; -inf / -1 where fewer)."""
+    sims = np.where((found >= 0) & (found != rows[:, None]), sims, -np.inf).astype(np.float32)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    sims, found = np.take_along_axis(sims, order, 1), np.take_along_axis(found, order, 1)
+    by_image = np.argsort(found, axis=1, kind="stable")  # each image's hits together, its best first
+    ids = np.take_along_axis(found, by_image, 1)
+    repeat = np.zeros_like(ids, bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    drop = np.zeros_like(repeat)
+    np.put_along_axis(drop, by_image, repeat, 1)
+    sims[drop] = -np.inf
+    keep = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    best_s, best_i = np.take_along_axis(sims, keep, 1), np.take_along_axis(found, keep, 1)
+    pad = k - best_s.shape[1]
+    if pad > 0:
+        best_s = np.pad(best_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        best_i = np.pad(best_i, ((0, 0), (0, pad)), constant_values=-1)
+    return best_s, np.where(best_s > -np.inf, best_i, -1)
 
 
 def pixel_evidence(sims: np.ndarray, idx: np.ndarray) -> dict[tuple[int, int], float]:

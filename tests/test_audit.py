@@ -79,7 +79,7 @@ def test_confirmation_groups_and_heldout_drops() -> None:
     w[4] = audit.thumbnail_windows(photo(103).crop((8, 8, 120, 120)))  # a copy of 3
     w[5] = None  # could not be read
     pairs = [(0, 1, -5.0, 2.0), (0, 2, -4.0, 2.0), (3, 4, -6.0, 9.0), (4, 5, -6.0, 9.0)]
-    confirmed = audit.confirm_pairs(pairs, w, min_correlation=0.9)
+    confirmed = audit.confirm_pairs(pairs, w.get, min_correlation=0.9)
     assert [(i, j) for i, j, *_ in confirmed] == [(0, 1), (3, 4)]
     assert all(r > 0.95 for *_, r in confirmed)
     assert audit.group_pairs([(0, 1), (1, 6), (3, 4)], 8) == [[0, 1, 6], [3, 4]]
