@@ -245,6 +245,8 @@ def plant_images(source: Path, dest: Path, *, others: list[Path], seed: int = 0,
             folder = f"{rng.choice([s for s in splits if s != split])}/{class_of(original)}"
         copy, quality = near_duplicate(load_rgb(dest / original)[0], how, rng)
         rel = f"{folder}/{Path(original).stem}_copy.jpg"
+        if (dest / rel).exists():  # the same name in another split, or that one's copy: keep both
+            rel = f"{folder}/{Path(original).stem}_copy{i}.jpg"
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         copy.save(dest / rel, quality=quality)
         planted.duplicates.append((original, rel, how))
