@@ -344,3 +344,18 @@ def test_report_section_counts_per_backbone_and_marks_agreed_findings(tmp_path: 
     assert summary["backbones"]["bb2"]["label_issues"] == 1 and "absent" not in summary["backbones"]
     assert note[0].startswith("Dataset audit: bb1 1 near-duplicate group(s)")
     assert render_audit(tmp_path, ["absent"]) == ([], {}, [])
+
+
+@pytest.mark.parametrize("exact_max_rows", [50_000, 0])  # exact index; IVF with 8-bit codes
+def test_pixel_neighbours_find_mirrored_and_cropped_copies_searching_in_chunks(exact_max_rows: int) -> None:
+    squares = np.stack([audit_rules.gray_square(photo(seed)) for seed in range(200)]).astype(np.uint8)
+    squares[150] = squares[3][:, ::-1]  # a mirror of 3
+    squares[151] = audit_rules.gray_square(photo(7).crop((0, 0, 100, 100)))  # a 78% crop of 7
+    readable = np.ones(200, bool)
+    readable[199] = False
+    sims, idx = audit_rules.pixel_neighbours(lambda a, b: squares[a:b], readable, 3, chunk=64,
+                                             exact_max_rows=exact_max_rows)
+    assert sims.shape == idx.shape == (200, 3) and idx[3, 0] == 150 and idx[150, 0] == 3
+    assert idx[7, 0] == 151  # the original's 80% window is the copy's whole (a pair: in either list)
+    assert sims[150, 0] > 0.95 and np.all(np.diff(sims[:199], axis=1) <= 0) and np.all(idx[199] == -1)
+    assert not np.any(idx == np.arange(200)[:, None])
