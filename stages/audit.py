@@ -7,14 +7,16 @@ Runs after extract@NAME and before head@NAME on the features of `audit.layer` (d
 (TTA view rows averaged). The features file is checked as head checks it (stages.features.read_checked: the same
 ProvenanceError when it was computed from another manifest, backbone or weight file).
 
-1. Near-duplicates. Every image's `audit.duplicate_neighbors` nearest neighbours by cosine similarity of the
-   L2-normalized features (stages/neighbours.py: faiss, exact up to
-   50,000 images, an inverted-file index past them, its recall measured); pairs with similarity >=
-   `audit.duplicate_cosine` are candidates, confirmed by a pixel check on small thumbnails so that two different
-   photos of one subject are not listed: the Pearson correlation of 24x24 grayscale thumbnails, the best over
-   crop windows (whole image, and 90-95% of each side at 3 offsets per side) of either image against the whole
-   other one, must be >= `audit.duplicate_pixel_correlation` (invariant to brightness and contrast, tolerant of
-   resizing, re-encoding and a crop of up to 10%). Confirmed pairs are joined into groups; a group whose images lie in more than one split is leakage
+1. Near-duplicates (stages/audit_rules.py, every threshold from the dataset's own distribution): candidates are
+   pairs among each image's `audit.duplicate_neighbors` nearest neighbours by feature cosine (stages/neighbours.py:
+   faiss, exact up to 50,000 rows, an inverted-file index past them) or by pixel thumbnail (its rotations and
+   mirrors searched against every image's whole and 70-80% windows) that stand out from the dataset's other
+   neighbour pairs (robust z past `audit.duplicate_z` / 2); each is confirmed by a pixel check (the best
+   correlation of crop windows, 70-100% of each side, of either image against the other's whole, rotations,
+   mirrors and small tilts, on detail thumbnails) above `audit.duplicate_z` robust z-scores of look-alike pairs
+   (images and their k-th pixel neighbour): resizes, re-encodes, crops, rotations, mirrors, colour changes,
+   borders and watermarks are found, two photos of one subject are not. Confirmed pairs are joined into groups; a
+   group whose images lie in more than one split is leakage
    (reported apart, with its cross-split pairs). Policy `audit.cross_split`: `report` lists them only;
    `drop_from_heldout` also lists the held-out images of every leakage group under `dropped_from_heldout`, and
    head leaves them out of its held-out evaluation (reports/NAME/audit/heldout.json, `python -m stages.head
@@ -27,8 +29,8 @@ ProvenanceError when it was computed from another manifest, backbone or weight f
    most probable class) and a score (1 - the probability of the given label). Skipped, saying why, when a class
    has fewer images than the folds need; the other checks still run.
 3. Outliers. Score = median cosine distance to the `audit.outlier_k` nearest other images (of any class: an image
-   close to another class is a label question, not an outlier); flagged when its robust z-score over the dataset
-   ((score - median) / (1.4826 MAD), Iglewicz and Hoaglin's modified z) is above `audit.outlier_z`. This catches
+   close to another class is a label question, not an outlier); flagged when the robust z-score of the score over
+   the dataset ((value - median) / (1.4826 MAD), Iglewicz and Hoaglin's modified z) is above `audit.outlier_z`. This catches
    placeholders and off-topic images that decode fine; the median (not the mean) of the k distances keeps a few
    off-topic images that resemble each other (fewer than k / 2) from hiding one another.
 
@@ -48,9 +50,11 @@ import argparse
 import csv
 import io
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +64,22 @@ from threadpoolctl import threadpool_limits
 
 from stages.evaluation import ProtocolError, heldout_split
 from stages.features import FeaturesError, read_checked, views_per_image
+from stages.audit_rules import (WINDOW_SIDE, Thumbs, candidate_pairs, confirm_threshold, feature_evidence,
+                                gray_square, null_pairs, pixel_evidence, pixel_neighbours, pixel_similarity, robust_z,
+                                thumbnail_windows)
 from stages.images import ImageDecodeError, load_rgb
-from stages.io import atomic_path, setup_logging, write_json, write_text
+from stages.io import atomic_path, progress, setup_logging, write_json, write_text
 from stages.neighbours import cosine_search
 from stages.params import AuditParams, ParamError, load_params
 from stages.probes import LinearProbe
 
 logger = logging.getLogger(__name__)
 
-MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
 KINDS = ("duplicates", "leakage", "label_issues", "outliers")
 THUMB = 96  # contact sheet thumbnail side, pixels
-WINDOW_SIDE = 64  # the duplicate pixel check: images squeezed to this square (pixels), then crop windows of
-WINDOW_ZOOMS = (1.0, 0.95, 0.9)  # these fractions of each side (crop_boxes),
-THUMB_SIDE = 24  # each resized to this square thumbnail (pixels)
 CSV_FIELDS = ("kind", "paths", "splits", "classes", "score", "suggested_label")
+READ_CHUNK = 1024  # images decoded at a time for the pixel squares
+THUMBS_CACHED = 64  # crop-window descriptors (1 MB each) kept while confirming pairs
 
 
 class AuditError(FeaturesError):
@@ -116,55 +121,20 @@ def nearest_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return out_s, out_i
 
 
-def candidate_pairs(x: np.ndarray, *, k: int, min_cosine: float) -> list[tuple[int, int, float]]:
-    """Pairs (i < j, cosine) among each row's k nearest neighbours with cosine >= min_cosine, sorted."""
-    sims, idx = nearest_neighbours(x, k)
-    pairs: dict[tuple[int, int], float] = {}
-    for i, j in zip(*np.nonzero((sims >= min_cosine) & (idx >= 0))):
-        a, b = sorted((int(i), int(idx[i, j])))
-        pairs[(a, b)] = max(pairs.get((a, b), -1.0), float(sims[i, j]))
-    return sorted((a, b, s) for (a, b), s in pairs.items())
-
-
-def crop_boxes(side: int = WINDOW_SIDE, zooms: Sequence[float] = WINDOW_ZOOMS) -> list[tuple[float, ...]]:
-    """(left, top, right, bottom) windows of a side x side image: every combination of a width and a height from
-    `zooms` (fractions of the side) at 1 (zoom 1) or 3 (left/top, centre, right/bottom) offsets; the whole image
-    first."""
-    spans = []
-    for zoom in zooms:
-        width = zoom * side
-        spans += [(float(o), float(o + width)) for o in np.linspace(0, side - width, 1 if zoom == 1 else 3)]
-    return [(x0, y0, x1, y1) for x0, x1 in spans for y0, y1 in spans]
-
-
-def thumbnail_windows(image: Image.Image) -> np.ndarray:
-    """[W, T*T] float32: the image in grayscale, squeezed to WINDOW_SIDE px, each crop window (crop_boxes; row 0 =
-    the whole image) resized to T = THUMB_SIDE px and standardized to zero mean and unit norm, so that a dot
-    product of two rows is the Pearson correlation of two thumbnails."""
-    gray = image.convert("L").resize((WINDOW_SIDE, WINDOW_SIDE), Image.Resampling.BOX).convert("F")
-    rows = np.stack([np.asarray(gray.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, box=box),
-                                np.float32).ravel() for box in crop_boxes()])
-    rows -= rows.mean(1, keepdims=True)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-6)
-
-
-def pixel_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """The best thumbnail correlation of two images' windows [W, P] (thumbnail_windows): any window of one against
-    the whole other one (a crop of either image is found)."""
-    return float(max((a @ b[0]).max(), (b @ a[0]).max()))
-
-
-def confirm_pairs(pairs: Sequence[tuple[int, int, float]], windows: dict[int, np.ndarray | None], *,
+def confirm_pairs(pairs: Sequence[tuple[int, int, float, float]], thumbs: Callable[[int], Thumbs | None], *,
                   min_correlation: float) -> list[tuple[int, int, float, float]]:
-    """The candidate pairs whose pixel similarity (pixel_similarity) is >= min_correlation: (i, j, cosine,
-    correlation). A pair with an image that could not be read (None) is not confirmed."""
+    """The candidate pairs (i, j, feature z, pixel z) whose pixel similarity (stages.audit_rules.pixel_similarity)
+    is above min_correlation: (i, j, feature z, correlation). thumbs(row): an image's descriptor, None when it could
+    not be read (its pairs are not confirmed)."""
     out = []
-    for i, j, cosine in pairs:
-        if windows.get(i) is None or windows.get(j) is None:
+    for i, j, feature_z, _ in pairs:
+        a = thumbs(i)
+        b = thumbs(j) if a is not None else None
+        if b is None:
             continue
-        correlation = pixel_similarity(windows[i], windows[j])
-        if correlation >= min_correlation:
-            out.append((i, j, cosine, round(correlation, 4)))
+        correlation = pixel_similarity(a, b)
+        if correlation > min_correlation:
+            out.append((i, j, feature_z, round(correlation, 4)))
     return out
 
 
@@ -253,33 +223,78 @@ def label_check_skip(y: np.ndarray, classes: Sequence[str], folds: int) -> str |
 def outlier_scores(x: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(score [N], robust z [N]) of unit rows x [N, D]: score = the median cosine distance of x[i] to its k nearest
     other rows (the median, so that a few off-topic images that resemble each other, fewer than k / 2, do not hide
-    one another); z = (score - median score) / (1.4826 MAD of the scores). Fewer than 3 rows: all 0."""
+    one another); z = the robust z-score of the score over the dataset (stages.audit_rules.robust_z). (On log(score)
+    the same ranking gave a shorter flagged list that missed off-topic photos in hymenoptera_data: bench_audit.)
+    Fewer than 3 rows: all 0."""
     if len(x) < 3:
         return np.zeros(len(x)), np.zeros(len(x))
     sims, idx = nearest_neighbours(x, k)
     scores = np.nanmedian(np.where(idx >= 0, 1.0 - sims.astype(np.float64), np.nan), axis=1)
-    median = np.median(scores)
-    mad = np.median(np.abs(scores - median)) * MAD_SCALE
-    return scores, (scores - median) / max(mad, 1e-6)
+    return scores, robust_z(scores)
 
 
 # ------------------------------------------------------------------------------------------------ findings
-def find_duplicates(rows: Rows, *, raw: Path, params: AuditParams) -> list[dict[str, Any]]:
-    """Near-duplicate groups: faiss candidates confirmed by the pixel check on thumbnails of the images under raw."""
-    pairs = candidate_pairs(rows.features, k=params.duplicate_neighbors, min_cosine=params.duplicate_cosine)
-    windows: dict[int, np.ndarray | None] = {}
-    for index in sorted({i for p in pairs for i in p[:2]}):
-        try:
-            image, _ = load_rgb(raw / rows.paths[index], draft_size=WINDOW_SIDE)
-            windows[index] = thumbnail_windows(image)
-        except (ImageDecodeError, OSError) as exc:
-            logger.warning("%s: cannot be read for the duplicate check (%s); its pairs stay unconfirmed",
-                           rows.paths[index], exc)
-            windows[index] = None
-    confirmed = confirm_pairs(pairs, windows, min_correlation=params.duplicate_pixel_correlation)
-    logger.info("near-duplicates: %d candidate pair(s) with cosine >= %g, %d confirmed by the pixel check",
-                len(pairs), params.duplicate_cosine, len(confirmed))
-    return describe_groups(group_pairs(confirmed, len(rows.paths)), confirmed, rows)
+class GraySquares:
+    """Every image's gray square (stages.audit_rules.gray_square: WINDOW_SIDE px, uint8, 4 KiB an image), decoded
+    once from raw, READ_CHUNK images at a time, into an unnamed temporary file that the pixel search and the
+    confirmation read back (the page cache holds them, not the process). `readable` [N]: False for an image that
+    could not be read (warned; its square is zeros and its pairs stay unconfirmed). Use as a context manager."""
+
+    def __init__(self, raw: Path, paths: Sequence[str]) -> None:
+        self.readable = np.ones(len(paths), bool)
+        self._file = tempfile.TemporaryFile()
+        for start in progress(range(0, len(paths), READ_CHUNK), desc="audit: pixel squares", unit="chunk"):
+            block = np.zeros((len(paths[start:start + READ_CHUNK]), WINDOW_SIDE, WINDOW_SIDE), np.uint8)
+            for r, path in enumerate(paths[start:start + READ_CHUNK]):
+                try:
+                    block[r] = gray_square(load_rgb(raw / path, draft_size=WINDOW_SIDE)[0])
+                except (ImageDecodeError, OSError) as exc:
+                    logger.warning("%s: cannot be read for the duplicate check (%s); its pairs stay unconfirmed",
+                                   path, exc)
+                    self.readable[start + r] = False
+            self._file.write(block.tobytes())
+        self._file.flush()
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """The squares of images start..stop-1: uint8 [stop - start, S, S]."""
+        self._file.seek(start * WINDOW_SIDE ** 2)
+        data = self._file.read((stop - start) * WINDOW_SIDE ** 2)
+        return np.frombuffer(data, np.uint8).reshape(-1, WINDOW_SIDE, WINDOW_SIDE)
+
+    def thumbs(self, index: int) -> Thumbs | None:
+        """The crop-window descriptor of one image (stages.audit_rules.thumbnail_windows; None if unreadable)."""
+        return thumbnail_windows(self.read(index, index + 1)[0]) if self.readable[index] else None
+
+    def __enter__(self) -> GraySquares:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def find_duplicates(rows: Rows, *, raw: Path, params: AuditParams) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Near-duplicate groups (stages/audit_rules.py): candidates from the feature and the pixel neighbour lists,
+    confirmed by the crop-window pixel check against the dataset's own null. Returns (groups, the rule's numbers).
+    Memory: the images' gray squares are on disk (GraySquares); the pixel search keeps ~3.5 KB an image
+    (pixel_neighbours) and the confirmation at most THUMBS_CACHED crop-window descriptors (1 MB each)."""
+    n, k, z = len(rows.paths), params.duplicate_neighbors, params.duplicate_z
+    with GraySquares(raw, rows.paths) as squares, threadpool_limits(limits=1, user_api="blas"):
+        pixel_s, pixel_i = pixel_neighbours(squares.read, squares.readable, k, seed=params.seed)
+        pixel = {key: v for key, v in pixel_evidence(pixel_s, pixel_i).items()
+                 if squares.readable[key[0]] and squares.readable[key[1]]}
+        pairs = candidate_pairs(feature_evidence(*nearest_neighbours(rows.features, k)), pixel, z=z)
+        null = null_pairs(pixel_i, seed=params.seed)
+        thumbs = lru_cache(maxsize=THUMBS_CACHED)(squares.thumbs)  # pairs come sorted: each image's run together
+        null_values = [pixel_similarity(thumbs(a), thumbs(b)) for a, b in null
+                       if squares.readable[a] and squares.readable[b]]
+        threshold = confirm_threshold(null_values, z=z)
+        confirmed = [(i, j, float(rows.features[i] @ rows.features[j]), r)  # (i, j, cosine, pixel correlation)
+                     for i, j, _, r in confirm_pairs(pairs, thumbs, min_correlation=threshold)]
+    logger.info("near-duplicates: %d candidate pair(s), %d confirmed by the pixel check (correlation > %.4f: %g "
+                "robust z above %d look-alike pairs)", len(pairs), len(confirmed), threshold, z, len(null_values))
+    rule = {"candidate_pairs": len(pairs), "pixel_correlation_threshold": round(threshold, 4),
+            "null_pairs": len(null_values)}
+    return describe_groups(group_pairs(confirmed, n), confirmed, rows), rule
 
 
 def check_labels(rows: Rows, params: AuditParams) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -294,16 +309,25 @@ def check_labels(rows: Rows, params: AuditParams) -> tuple[dict[str, Any], list[
     check = {"status": "ran", "reason": None, "folds": params.label_folds, "C": params.label_C,
              "filter": params.label_filter,
              "out_of_fold_accuracy": round(float(np.mean(proba.argmax(1) == rows.labels)), 4)}
+    _, near = nearest_neighbours(rows.features, params.outlier_k) if issues else (None, None)
+
+    def example(i: int, label: int) -> str | None:  # the nearest image labelled `label` (shown beside the finding)
+        return next((rows.paths[j] for j in near[i] if j >= 0 and rows.labels[j] == label), None)
+
     return check, [{"path": rows.paths[i], "split": str(rows.split[i]), "given": rows.classes[rows.labels[i]],
-                    "suggested": rows.classes[s], "score": score} for i, s, score in issues]
+                    "suggested": rows.classes[s], "score": score, "suggested_example": example(i, s)}
+                   for i, s, score in issues]
 
 
 def find_outliers(rows: Rows, params: AuditParams) -> list[dict[str, Any]]:
-    """Images far from every other image, largest z first."""
+    """Images far from every other image (robust z of the score above audit.outlier_z), largest z first; each
+    with its nearest other image (shown beside it in the report)."""
     scores, z = outlier_scores(rows.features, k=params.outlier_k)
     flagged = np.flatnonzero(z > params.outlier_z)
+    _, idx = nearest_neighbours(rows.features, 1) if len(flagged) else (None, None)
     return [{"path": rows.paths[i], "split": str(rows.split[i]), "class": rows.classes[rows.labels[i]],
-             "score": round(float(scores[i]), 4), "z": round(float(z[i]), 2)}
+             "score": round(float(scores[i]), 4), "z": round(float(z[i]), 2),
+             "nearest": rows.paths[int(idx[i, 0])] if idx[i, 0] >= 0 else None}
             for i in flagged[np.argsort(-z[flagged], kind="stable")]]
 
 
@@ -315,7 +339,7 @@ def audit_rows(rows: Rows, *, raw: Path, params: AuditParams) -> dict[str, Any]:
         heldout = None
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    duplicates = find_duplicates(rows, raw=raw, params=params)
+    duplicates, duplicate_rule = find_duplicates(rows, raw=raw, params=params)
     timings["duplicates"] = time.perf_counter() - tick
     tick = time.perf_counter()
     label_check, issues = check_labels(rows, params)
@@ -337,7 +361,7 @@ def audit_rows(rows: Rows, *, raw: Path, params: AuditParams) -> dict[str, Any]:
                    "flagged_images": len(flagged)},
         "flagged_fraction": round(len(flagged) / max(1, len(rows.paths)), 4),
         "label_check": label_check, "leakage_pairs": leakage_pairs, "dropped_from_heldout": dropped,
-        "duplicates": duplicates, "label_issues": issues, "outliers": outliers,
+        "duplicates": duplicates, "label_issues": issues, "outliers": outliers, "duplicate_rule": duplicate_rule,
         "seconds": {k: round(v, 3) for k, v in timings.items()}}
 
 
@@ -457,9 +481,7 @@ def run_audit(*, backbone: str, features_path: Path, manifest_path: Path, weight
     rows = read_rows(backbone=backbone, features_path=features_path, manifest_path=manifest_path,
                      weights_path=weights_path, layer=params.layer)
     report = {"backbone": backbone, "layer": params.layer, **audit_rows(rows, raw=raw, params=params),
-              "thresholds": {"duplicate_cosine": params.duplicate_cosine,
-                             "duplicate_neighbors": params.duplicate_neighbors,
-                             "duplicate_pixel_correlation": params.duplicate_pixel_correlation,
+              "thresholds": {"duplicate_neighbors": params.duplicate_neighbors, "duplicate_z": params.duplicate_z,
                              "outlier_k": params.outlier_k, "outlier_z": params.outlier_z}}
     tick = time.perf_counter()
     write_contact_sheets(reports_dir / "audit", report, raw=raw, backbone=backbone, max_tiles=params.sheet_max)

@@ -7,6 +7,9 @@ L2-normalized float32 rows). Rule, by size only (never by a timing, so the same 
   seeded k-means on at most TRAIN_PER_LIST rows per list, probing NPROBE lists per query. Cost per query grows as
   sqrt(rows) instead of rows. Its recall@k against exact search is measured on a seeded sample of queries
   (`recall_sample`) and reported with the result, so a reader sees what the approximation cost.
+`cosine_index(base)` builds the same choice as a reusable index for searching many query chunks against one base,
+added in float32 chunks from a base kept in any float dtype (float16 halves what the caller holds); past
+EXACT_MAX_ROWS it stores 8-bit scalar codes (faiss IndexIVFScalarQuantizer: D + 8 bytes a row instead of 4 D).
 """
 from __future__ import annotations
 
@@ -52,6 +55,33 @@ def _approximate_index(base: np.ndarray, *, seed: int) -> tuple[Any, dict[str, A
     index.nprobe = min(NPROBE, nlist)
     return index, {"method": "approximate", "index": "IndexIVFFlat", "rows": rows, "nlist": nlist,
                    "nprobe": int(index.nprobe), "train_rows": int(len(sample))}
+
+
+def cosine_index(base: np.ndarray, *, seed: int = 0, exact_max_rows: int = EXACT_MAX_ROWS,
+                 chunk: int = 65_536) -> tuple[Any, dict[str, Any]]:
+    """A faiss inner-product index of the rows of base [M, D] (unit rows, any float dtype), added `chunk` rows at a
+    time as float32: IndexFlatIP (exact, 4 D bytes a row) up to exact_max_rows, else IndexIVFScalarQuantizer with
+    8-bit codes (D + 8 bytes a row), nlist = round(sqrt(M)) trained by seeded k-means on at most TRAIN_PER_LIST rows
+    per list, NPROBE lists probed. Returns (index, how it searches). Search it with index.search(queries, k)."""
+    rows, dim = base.shape
+    if rows <= exact_max_rows:
+        index: Any = faiss.IndexFlatIP(dim)
+        info: dict[str, Any] = {"method": "exact", "index": "IndexFlatIP", "rows": rows}
+    else:
+        nlist = int(round(np.sqrt(rows)))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        sample = np.sort(np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_LIST * nlist),
+                                                            replace=False))
+        index.train(l2_normalized(base[sample]))
+        index.nprobe = min(NPROBE, nlist)
+        info = {"method": "approximate", "index": "IndexIVFScalarQuantizer(8 bit)", "rows": rows, "nlist": nlist,
+                "nprobe": int(index.nprobe), "train_rows": int(len(sample))}
+    for start in range(0, rows, chunk):
+        index.add(l2_normalized(base[start:start + chunk]))
+    return index, info
 
 
 def cosine_search(base: np.ndarray, queries: np.ndarray, *, k: int, seed: int = 0,

@@ -271,13 +271,13 @@ def _unit_interval(key: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class AuditParams:
-    # Dataset audit on the cached features (stages/audit.py). Thresholds were set from `python -m stages.bench_audit`
-    # on hymenoptera_data and pbc_blood_cells (planted duplicates, flips, off-topic images), not tuned to one set.
+    # Dataset audit on the cached features (stages/audit.py). Thresholds are robust z-scores over each dataset's own
+    # scores (stages/audit_rules.py), measured by `python -m stages.bench_audit` on data they were not tuned on.
     layer: str = "pool"  # the stored layer whose features every check uses (pool, mid or a module name)
-    duplicate_cosine: float = 0.8  # candidate pairs: cosine similarity of the L2-normalized features >= this
-    duplicate_neighbors: int = 10  # nearest neighbours searched per image (faiss); also the largest group seen at once
-    # confirmation: the best Pearson correlation of small grayscale thumbnails over crop windows >= this
-    duplicate_pixel_correlation: float = 0.92
+    # near-duplicates (stages/audit_rules.py): a pair is a candidate past duplicate_z / 2 robust z-scores of the
+    # dataset's neighbour pairs (features or pixels) and confirmed past duplicate_z of its look-alike pairs
+    duplicate_z: float = 3.5
+    duplicate_neighbors: int = 10  # nearest neighbours searched per image (faiss), by features and by pixels
     cross_split: Literal["report", "drop_from_heldout"] = "report"  # duplicates across splits: only listed, or the
     #                                       held-out copies also left out of head's held-out evaluation (listed)
     label_folds: int = 5  # out-of-fold probabilities of the probe (standardized logreg); a class needs this many
@@ -289,9 +289,9 @@ class AuditParams:
     outlier_z: float = 3.5  # outlier when the score's robust z-score over the dataset (median, MAD) is above this
     sheet_max: int = 48  # thumbnails per contact sheet
     seed: int = 0
-    checks = {"duplicate_cosine": _unit_interval, "duplicate_neighbors": _positive,
-              "duplicate_pixel_correlation": _unit_interval, "label_C": _positive, "outlier_k": _positive,
-              "outlier_z": _positive, "sheet_max": _positive}
+    checks = {"duplicate_neighbors": _positive, "duplicate_z": _positive, "label_C": _positive,
+              "outlier_k": _positive, "outlier_z": _positive, "sheet_max": _positive}
+    removed = {"duplicate_cosine": "duplicate_z", "duplicate_pixel_correlation": "duplicate_z"}
 
     def __post_init__(self) -> None:
         _check(self.label_folds >= 2, "audit.label_folds", "an integer of at least 2 (cross-validation folds)",
@@ -414,7 +414,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ParamError(f"{prefix or 'params.yaml'} must be a mapping of keys; got {raw!r}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    removed = getattr(cls, "removed", {})
     for key in raw:
+        if key in removed:
+            raise ParamError(f"'{prefix}.{key}' was removed: its threshold now comes from each dataset's own score "
+                             f"distribution (robust z-scores), set by '{prefix}.{removed[key]}'. Delete the key "
+                             f"from params.yaml.")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

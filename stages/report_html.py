@@ -347,7 +347,7 @@ def render_backbone(inputs: PageInputs, backbone: str, metrics: Any) -> str:
 def _finding_caption(finding: Mapping[str, Any]) -> str:
     """"key: value; ..." of a finding's scalar fields (paths, splits and classes are shown per image)."""
     parts = [f"{e(k)}: {num(v) if isinstance(v, (int, float)) else e(v)}" for k, v in finding.items()
-             if k not in ("path", "paths", "splits", "classes", "pairs", "cross_split")
+             if k not in ("path", "paths", "splits", "classes", "pairs", "cross_split", "suggested_example", "nearest")
              and isinstance(v, (str, int, float))]
     return "; ".join(parts) or "&nbsp;"
 
@@ -363,6 +363,10 @@ def render_finding(inputs: PageInputs, finding: Mapping[str, Any], *, css: str) 
         label = ", ".join(e(w) for w in where if isinstance(w, str))
         caption = (_finding_caption(finding) + "<br>" if i == 0 else "") + label
         figures.append(render_thumb(inputs, path, caption or "&nbsp;"))
+    for key, label in (("suggested_example", f"nearest image labelled <b>{e(finding.get('suggested', '?'))}</b>"),
+                       ("nearest", "its nearest image")):
+        if isinstance(finding.get(key), str):  # side by side: what the audit compares the finding with
+            figures.append(render_thumb(inputs, finding[key], label, css="compare"))
     return f'<div class="{css}"><div class="gallery">{"".join(figures)}</div></div>'
 
 
@@ -372,9 +376,11 @@ def render_audit_kind(inputs: PageInputs, kind: str, findings: Any) -> str:
     if not findings:
         return "<p>None found.</p>"
     css = "finding leak" if kind == "leakage" else "finding"
-    blocks = [render_finding(inputs, f, css=css) for f in findings[:AUDIT_MAX] if isinstance(f, Mapping)]
+    blocks = [render_finding(inputs, {"rank": n + 1, **f}, css=css)
+              for n, f in enumerate(findings[:AUDIT_MAX]) if isinstance(f, Mapping)]
     more = f"<p>{len(findings) - AUDIT_MAX} more in audit.json / audit.csv.</p>" if len(findings) > AUDIT_MAX else ""
-    return f"<p>{len(findings)} found.</p>{''.join(blocks)}{more}"
+    shown = f", the first {AUDIT_MAX} shown, most likely first" if len(findings) > AUDIT_MAX else ", most likely first"
+    return f"<p>{len(findings)} found{shown}.</p>{''.join(blocks)}{more}"
 
 
 def audit_findings(audit: Mapping[str, Any], kind: str) -> Any:
@@ -516,7 +522,7 @@ tr.best{background:#e8f5e9;font-weight:600}tr.tie{background:#f3faf3}.ci{color:#
 figure{margin:0;width:170px;font-size:12px}figure img{display:block;max-width:160px;height:auto;border:1px solid #ccc}
 .path{color:#666;word-break:break-all}.missing{width:160px;height:100px;background:#eee;color:#666;display:flex;
 align-items:center;justify-content:center}
-.finding{border-left:3px solid #bbb;padding-left:8px;margin:8px 0}.finding.leak{border-color:#c62828}
+.finding{border-left:3px solid #bbb;padding-left:8px;margin:8px 0}.finding.leak{border-color:#c62828}figure.compare{border:1px dashed #999}
 pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px}
 """
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages import audit
+from stages import audit, audit_rules
 from stages.features import ProvenanceError
 from stages.images import MANIFEST_FIELDS
 from stages.params import AuditParams, ParamError, parse_params
@@ -32,40 +32,56 @@ def blobs(n_per_class: int, n_classes: int, dim: int, *, seed: int) -> tuple[np.
 
 
 # ------------------------------------------------------------------------------------------------ core, synthetic
-def test_candidate_pairs_find_exactly_the_planted_near_copies() -> None:
+def test_feature_evidence_flags_the_planted_near_copies_even_when_the_bulk_cosine_is_high() -> None:
     x, _ = blobs(30, 3, 16, seed=0)
     rng = np.random.default_rng(1)
     copies = {5: 90, 40: 91, 77: 92}  # original -> copy row
-    x = np.concatenate([x, audit.l2_normalize(x[list(copies)] + rng.normal(0, 0.01, (3, 16)))])
-    pairs = audit.candidate_pairs(x, k=5, min_cosine=0.98)
-    assert [(i, j) for i, j, _ in pairs] == sorted(copies.items())
-    assert all(c > 0.99 for *_, c in pairs)
+    x = np.concatenate([x, audit.l2_normalize(x[list(copies)] + rng.normal(0, 0.05, (3, 16)))])
+    for data in (x, audit.l2_normalize(x + 4.0)):  # the second: every cosine > 0.95, the copies still stand out
+        evidence = audit_rules.feature_evidence(*audit.nearest_neighbours(data, 5))
+        ranked = sorted(evidence, key=evidence.get)
+        assert sorted(ranked[:3]) == sorted(copies.items())  # the copies stand out most, by a wide gap
+        assert max(evidence[p] for p in ranked[:3]) < 2 * evidence[ranked[3]] < -3.5
     sims, idx = audit.nearest_neighbours(x, 3)
     assert sims.shape == idx.shape == (93, 3) and not np.any(idx == np.arange(93)[:, None])  # never itself
 
 
-def test_pixel_check_confirms_resized_recoded_cropped_and_recoloured_copies_only() -> None:
-    original = picture(7, 0)
-    crop = original.crop((3, 1, 61, 60))  # 9% of the width, 3% of the height
-    copies = [original.resize((40, 40)), crop, original.point(lambda v: int(v * 0.85 + 20))]
+def test_robust_z_cut_off_flags_planted_outliers_and_not_the_bulk() -> None:
+    rng = np.random.default_rng(0)
+    for scale in (0.01, 1.0, 100.0):  # the same rule at any scale of the scores
+        bulk = rng.lognormal(0, 0.3, 500) * scale
+        values = np.concatenate([bulk, [8 * scale, 12 * scale]])
+        z = audit_rules.robust_z(np.log(values))
+        assert set(np.flatnonzero(z > 3.5)) == {500, 501}
+    assert np.all(audit_rules.robust_z(np.ones(5)) == 0)
+
+
+def test_pixel_check_confirms_resized_recoded_cropped_rotated_and_bordered_copies_only() -> None:
+    original = photo(7)
+    w, h = original.size
+    bordered = Image.new("RGB", (w + 12, h + 12), (200, 30, 30))
+    bordered.paste(original, (6, 6))
+    copies = [original.resize((60, 60)), original.crop((20, 10, 110, 100)),  # 70% of each side
+              original.point(lambda v: int(v * 0.85 + 20)), original.rotate(90), original.transpose(0), bordered]
     a = audit.thumbnail_windows(original)
-    assert a.shape == (49, audit.THUMB_SIDE ** 2) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
-    assert all(audit.pixel_similarity(a, audit.thumbnail_windows(c)) > 0.97 for c in copies)
-    assert audit.pixel_similarity(audit.thumbnail_windows(crop), a) == audit.pixel_similarity(a, audit.thumbnail_windows(crop))
-    others = [audit.pixel_similarity(a, audit.thumbnail_windows(picture(seed, 0))) for seed in range(8, 20)]
-    assert max(others) < 0.9
-    assert audit.crop_boxes(10, (1.0, 0.9))[:2] == [(0.0, 0.0, 10.0, 10.0), (0.0, 0.0, 10.0, 9.0)]
+    assert a.windows.shape == (len(audit_rules.crop_boxes()), audit_rules.THUMB_SIDE ** 2) and a.views.shape[0] == 10
+    assert np.allclose(np.linalg.norm(a.windows, axis=1), 1, atol=1e-5)
+    same = [audit.pixel_similarity(a, audit.thumbnail_windows(c)) for c in copies]
+    others = [audit.pixel_similarity(a, audit.thumbnail_windows(photo(seed))) for seed in range(8, 30)]
+    threshold = audit_rules.confirm_threshold(others, z=3.5)
+    assert min(same) > threshold > max(others)
+    assert audit_rules.crop_boxes(10, (1.0, 0.9), 3)[:2] == [(0.0, 0.0, 10.0, 10.0), (0.0, 0.0, 10.0, 9.0)]
 
 
 def test_confirmation_groups_and_heldout_drops() -> None:
-    w = {i: audit.thumbnail_windows(picture(100 + i, 1)) for i in range(5)}
-    w[1] = audit.thumbnail_windows(picture(100, 1).resize((50, 50)))  # a copy of 0
-    w[4] = audit.thumbnail_windows(picture(103, 1).crop((2, 2, 62, 62)))  # a copy of 3
+    w = {i: audit.thumbnail_windows(photo(100 + i)) for i in range(5)}
+    w[1] = audit.thumbnail_windows(photo(100).resize((50, 50)))  # a copy of 0
+    w[4] = audit.thumbnail_windows(photo(103).crop((8, 8, 120, 120)))  # a copy of 3
     w[5] = None  # could not be read
-    pairs = [(0, 1, 0.95), (0, 2, 0.97), (3, 4, 0.99), (4, 5, 0.99)]
-    confirmed = audit.confirm_pairs(pairs, w, min_correlation=0.92)
-    assert [(i, j, c) for i, j, c, _ in confirmed] == [(0, 1, 0.95), (3, 4, 0.99)]
-    assert all(r > 0.97 for *_, r in confirmed)
+    pairs = [(0, 1, -5.0, 2.0), (0, 2, -4.0, 2.0), (3, 4, -6.0, 9.0), (4, 5, -6.0, 9.0)]
+    confirmed = audit.confirm_pairs(pairs, w.get, min_correlation=0.9)
+    assert [(i, j) for i, j, *_ in confirmed] == [(0, 1), (3, 4)]
+    assert all(r > 0.95 for *_, r in confirmed)
     assert audit.group_pairs([(0, 1), (1, 6), (3, 4)], 8) == [[0, 1, 6], [3, 4]]
     assert audit.group_pairs([], 5) == []
     rows = audit.Rows(features=np.zeros((5, 2), np.float32), labels=np.array([0, 0, 1, 1, 1]),
@@ -112,12 +128,26 @@ def test_outliers_are_the_planted_off_class_rows_even_in_a_small_cluster() -> No
     assert scores.shape == (84,) and scores[80:].min() > scores[:80].max()
 
 
+def photo(seed: int, size: int = 128) -> Image.Image:
+    """A photo-like RGB picture with detail at every scale: smooth colour regions plus fine texture."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)).resize((size, size),
+                                                                                    Image.Resampling.BICUBIC)
+    fine = Image.fromarray(rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)).resize((size, size),
+                                                                                     Image.Resampling.BICUBIC)
+    return Image.blend(coarse, fine, 0.5)
+
+
 # ------------------------------------------------------------------------------------------------ stage, tiny project
 def picture(seed: int, tint: int) -> Image.Image:
     """A smooth 64x64 RGB picture: a random 4x4 colour grid upsampled, one channel tinted by class."""
-    grid = np.random.default_rng(seed).integers(0, 160, (4, 4, 3))
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 160, (4, 4, 3))
     grid[..., tint] += 90
-    return Image.fromarray(grid.astype(np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
+    coarse = Image.fromarray(grid.astype(np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
+    fine = Image.fromarray(rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)).resize((64, 64),
+                                                                                     Image.Resampling.BICUBIC)
+    return Image.blend(coarse, fine, 0.3)  # fine detail too, as photos have: the pixel check compares detail
 
 
 def embed(path: Path) -> np.ndarray:
@@ -193,7 +223,7 @@ def run_stage(project: dict) -> int:
 
 
 def test_stage_on_tiny_images_finds_the_copies_the_leak_and_the_grey_image(tmp_path: Path) -> None:
-    project = make_project(tmp_path, audit_params={"duplicate_cosine": 0.9, "cross_split": "drop_from_heldout"})
+    project = make_project(tmp_path, audit_params={"cross_split": "drop_from_heldout"})
     assert run_stage(project) == 0
     reports = project["reports"]
     report = json.loads((reports / "audit.json").read_text())
@@ -247,7 +277,7 @@ def test_head_leaves_the_listed_heldout_copies_out_of_evaluation_only(tmp_path: 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
 def test_too_few_images_per_class_skips_the_label_check_and_runs_the_rest(tmp_path: Path) -> None:
-    project = make_project(tmp_path, n_train=2, n_val=1, audit_params={"duplicate_cosine": 0.9})
+    project = make_project(tmp_path, n_train=2, n_val=1, audit_params={})
     assert run_stage(project) == 0
     report = json.loads((project["reports"] / "audit.json").read_text())
     assert report["label_check"]["status"] == "skipped"
@@ -278,10 +308,11 @@ def test_features_of_another_manifest_or_missing_rows_are_provenance_errors(tmp_
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("duplicate_cosine", 1.5, "audit.duplicate_cosine must be a number in \\(0, 1\\]; got 1.5"),
+    ("duplicate_cosine", 0.8, "'audit.duplicate_cosine' was removed: .* set by 'audit.duplicate_z'"),
+    ("duplicate_z", -1, "audit.duplicate_z must be a positive"),
     ("cross_split", "drop", "audit.cross_split must be one of 'report', 'drop_from_heldout'; got 'drop'"),
     ("label_folds", 1, "audit.label_folds must be an integer of at least 2"),
-    ("duplicate_pixel_correlation", 0, "audit.duplicate_pixel_correlation must be a number in \\(0, 1\\]; got 0"),
+    ("duplicate_pixel_correlation", 0.9, "'audit.duplicate_pixel_correlation' was removed"),
     ("outlier_zz", 3, "unknown parameter 'audit.outlier_zz'. Did you mean 'outlier_z'?"),
 ])
 def test_audit_params_are_validated(key: str, value, message: str) -> None:
@@ -313,3 +344,18 @@ def test_report_section_counts_per_backbone_and_marks_agreed_findings(tmp_path: 
     assert summary["backbones"]["bb2"]["label_issues"] == 1 and "absent" not in summary["backbones"]
     assert note[0].startswith("Dataset audit: bb1 1 near-duplicate group(s)")
     assert render_audit(tmp_path, ["absent"]) == ([], {}, [])
+
+
+@pytest.mark.parametrize("exact_max_rows", [50_000, 0])  # exact index; IVF with 8-bit codes
+def test_pixel_neighbours_find_mirrored_and_cropped_copies_searching_in_chunks(exact_max_rows: int) -> None:
+    squares = np.stack([audit_rules.gray_square(photo(seed)) for seed in range(200)]).astype(np.uint8)
+    squares[150] = squares[3][:, ::-1]  # a mirror of 3
+    squares[151] = audit_rules.gray_square(photo(7).crop((0, 0, 100, 100)))  # a 78% crop of 7
+    readable = np.ones(200, bool)
+    readable[199] = False
+    sims, idx = audit_rules.pixel_neighbours(lambda a, b: squares[a:b], readable, 3, chunk=64,
+                                             exact_max_rows=exact_max_rows)
+    assert sims.shape == idx.shape == (200, 3) and idx[3, 0] == 150 and idx[150, 0] == 3
+    assert idx[7, 0] == 151  # the original's 80% window is the copy's whole (a pair: in either list)
+    assert sims[150, 0] > 0.95 and np.all(np.diff(sims[:199], axis=1) <= 0) and np.all(idx[199] == -1)
+    assert not np.any(idx == np.arange(200)[:, None])

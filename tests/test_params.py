@@ -167,9 +167,8 @@ BAD_VALUES = [
     ("report.primary_metric", "accuracy", "report.primary_metric must be one of"),
     # audit (stages/audit.py)
     ("audit.layer", 5, "audit.layer must be a string"),
-    ("audit.duplicate_cosine", 0, "audit.duplicate_cosine must be a number in (0, 1]"),
+    ("audit.duplicate_z", 0, "audit.duplicate_z must be a positive"),
     ("audit.duplicate_neighbors", 0, "audit.duplicate_neighbors must be a positive"),
-    ("audit.duplicate_pixel_correlation", 1.5, "audit.duplicate_pixel_correlation must be a number in (0, 1]"),
     ("audit.cross_split", "drop", "audit.cross_split must be one of 'report', 'drop_from_heldout'"),
     ("audit.label_folds", 1, "audit.label_folds must be an integer of at least 2"),
     ("audit.label_C", 0, "audit.label_C must be a positive"),
