@@ -30,16 +30,15 @@ import io
 import json
 import logging
 import os
-import subprocess
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from stages.io import atomic_path, read_json, sha256_file
+from stages.versions import git_commit, library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ AUDIT_KINDS = (("leakage", "Leakage: near-duplicates across splits"),
                ("duplicates", "Near-duplicates within a split"),
                ("label_issues", "Likely label errors (given -> suggested)"),
                ("outliers", "Outliers (far from their class)"))
-LIBRARIES = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "scipy", "h5py", "pillow", "matplotlib",
-             "dvc", "dvclive")
 
 
 @dataclass
@@ -111,31 +108,6 @@ def read_errors(path: Path) -> list[dict[str, Any]] | None:
     for row in rows:
         row["prob"] = prob(row)
     return sorted(rows, key=lambda r: (-r["prob"] if r["prob"] == r["prob"] else 1.0, r["path"]))
-
-
-def git_commit(cwd: Path) -> str:
-    """"<sha> (+ uncommitted changes)" of the repository holding `cwd`, or why there is none."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "not a git repository, or no commit yet"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"git not available ({exc})"
-    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 # ---------------------------------------------------------------------------------------- images
