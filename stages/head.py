@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.backbones import (WeightsError, build_model, classifier_path, get_backbone, load_weights,
+from stages.backbones import (MID_ALIAS, WeightsError, build_model, classifier_path, get_backbone, load_weights,
                               module_version, replace_module)
 from stages.io import setup_logging, sha256_file, write_json
 from stages.features import FeatureFile, FeaturesError, ProvenanceError, read_checked, views_per_image  # noqa: F401 (ProvenanceError: part of head's errors)
@@ -223,10 +223,18 @@ def arrange(data: FeatureFile) -> Dataset:
 
 
 def resolve_feature_sets(feature_sets: Sequence[Sequence[str]], attrs: dict[str, Any],
-                         stored: Sequence[str], features_path: Path) -> list[tuple[str, ...]]:
+                         stored: Sequence[str], features_path: Path, *, no_mid: bool = False) -> list[tuple[str, ...]]:
     """head.feature_sets with aliases (`mid`) replaced by the stored layer names (attrs layer_aliases);
-    HeadError naming the layer when a set asks for one the file does not hold; duplicates dropped."""
+    HeadError naming the layer when a set asks for one the file does not hold; duplicates dropped.
+    no_mid: the backbone declares no mid_layer (extract skipped `mid` with a warning), so the sets that ask for it
+    are skipped with a warning too, as long as one set is left."""
     aliases = attrs.get("layer_aliases") or {}
+    if no_mid and MID_ALIAS not in aliases:
+        kept = [layers for layers in feature_sets if MID_ALIAS not in layers]
+        if kept and len(kept) < len(feature_sets):
+            logger.warning("head.feature_sets: %s skipped: the backbone declares no mid_layer (declare one in "
+                           "weights.custom to use it)", [list(s) for s in feature_sets if MID_ALIAS in s])
+        feature_sets = kept or feature_sets
     out: list[tuple[str, ...]] = []
     for layers in feature_sets:
         names = tuple(dict.fromkeys(aliases.get(layer, layer) for layer in layers))
@@ -479,7 +487,8 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
                                          manifest_path=manifest_path, weights_path=weights_path)
     classes = list(data.attrs["classes"])
     dataset, audit = drop_audited_heldout(arrange(data), audit_path)  # --audit: the audit stage's decision
-    feature_sets = resolve_feature_sets(params.feature_sets, data.attrs, list(dataset.images), features_path)
+    feature_sets = resolve_feature_sets(params.feature_sets, data.attrs, list(dataset.images), features_path,
+                                        no_mid=backbone.mid_layer is None)
     result = evaluate_protocol(dataset, classes, params, feature_sets)
     heldout = result["heldout_rows"]
     state, classifier = backbone_export(backbone, weights_path)

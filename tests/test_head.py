@@ -629,8 +629,20 @@ def test_rows_that_do_not_match_the_manifest_are_detected(project: dict) -> None
 
 def test_main_reports_a_missing_layer_and_exits_1(project: dict, caplog: pytest.LogCaptureFixture) -> None:
     params = yaml.safe_load((project["root"] / "params.yaml").read_text())
-    params["head"]["feature_sets"] = [["pool"], ["pool", "mid"]]
+    params["head"]["feature_sets"] = [["pool"], ["pool", "blocks.5"]]  # a layer extract did not store
     (project["root"] / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_stage(project) == 1
-    assert "head.feature_sets: layer(s) ['mid'] of ['pool', 'mid'] not in" in caplog.text
+    assert "head.feature_sets: layer(s) ['blocks.5'] of ['pool', 'blocks.5'] not in" in caplog.text
     assert "add them to extract.layers or edit head.feature_sets" in caplog.text
+
+
+def test_feature_sets_asking_for_mid_are_skipped_when_the_backbone_declares_none(tmp_path: Path) -> None:
+    """A custom backbone without mid_layer: extract skips `mid` with a warning, and so does head; a set naming a
+    layer that is not stored stays an error."""
+    attrs, features = {"layer_aliases": {}}, tmp_path / "tiny.h5"
+    sets = hd.resolve_feature_sets([["pool"], ["pool", "mid"]], attrs, ["pool"], features, no_mid=True)
+    assert sets == [("pool",)]
+    with pytest.raises(hd.HeadError, match=r"layer\(s\) \['mid'\] of \['pool', 'mid'\] not in"):
+        hd.resolve_feature_sets([["pool"], ["pool", "mid"]], attrs, ["pool"], features)  # mid declared, not stored
+    with pytest.raises(hd.HeadError, match=r"layer\(s\) \['mid'\]"):
+        hd.resolve_feature_sets([["pool", "mid"]], attrs, ["pool"], features, no_mid=True)  # nothing left
