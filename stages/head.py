@@ -18,6 +18,9 @@
    CUDA when present, warm-started along C), linear_svm, svm_rbf (Platt-calibrated).
    Feature sets concatenate pooled layers (`mid`: the backbone's last-but-one stage, attrs layer_aliases);
    normalization: standardize, l2 (each layer to norm sqrt(D)), or l2+standardize. Features stay float32.
+   Memory (stages/head_data.py): the file is read lazily, never a whole layer; the choosing rows are read once
+   (at most selection_max_rows images); a logreg refit larger than head_data.FIT_IN_MEMORY_BYTES streams its
+   rows in chunks (scaler statistics accumulated over chunks); held-out rows are predicted and searched in chunks.
 3. From the same cache, no second backbone pass: every feature set's own best candidate (report rows), a cosine
    k-NN probe (feature set and k chosen on the selection folds from one faiss search per fold at the largest k;
    votes weighted exp(similarity / 0.07); exact search up to 50,000 base rows, an inverted-file index above,
@@ -41,12 +44,13 @@ Outputs (predictions are the argmax of the probabilities everywhere; every accur
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +61,14 @@ from torch import nn
 from stages.backbones import (WeightsError, build_model, classifier_path, get_backbone, load_weights,
                               module_version, replace_module)
 from stages.io import setup_logging, sha256_file, write_json
-from stages.features import FeatureFile, FeaturesError, ProvenanceError, read_checked, views_per_image  # noqa: F401 (ProvenanceError: part of head's errors)
-from stages.evaluation import (ProtocolError, draw_few_shot, heldout_split, normalize_blocks, selection_rows, spread,
-                               stratified_folds, stratified_subsample)
+from stages import head_data
+from stages.features import FeatureReader, FeaturesError, ProvenanceError, open_checked  # noqa: F401 (ProvenanceError: part of head's errors)
+from stages.evaluation import (ProtocolError, draw_few_shot, heldout_split, selection_rows, spread, stratified_folds,
+                               stratified_subsample)
+from stages.head_data import Dataset, arrange_stored
 from stages.metrics import classification_metrics
 from stages.head_outputs import write_head_reports
-from stages.neighbours import cosine_search, knn_vote
+from stages.neighbours import cosine_search, cosine_search_rows, knn_vote
 from stages.params import HeadParams, ParamError, load_params
 from stages.probes import (Candidate, Probe, ProbeError, Score, choose, export_head, fit_recording, probe_pipeline,
                            sweep_C, verify_export)
@@ -110,20 +116,38 @@ def select(dataset: Dataset, rows: np.ndarray, folds: Sequence[tuple[np.ndarray,
 
 
 def fit_candidate(dataset: Dataset, rows: np.ndarray, candidate: Candidate, *, max_iter: int, seed: int) -> Probe:
-    """Refit `candidate` on the images `rows` (plus their augmented / view rows)."""
+    """Refit `candidate` on the images `rows` (plus their augmented / view rows). A logreg whose float32 features
+    would exceed head_data.FIT_IN_MEMORY_BYTES is fitted on them chunk by chunk (head_data.FitRows: the scaler's
+    mean and variance accumulated over chunks, then L-BFGS over chunks); any other fit holds them in memory."""
     tick = time.perf_counter()
-    x_fit, y_fit = dataset.fit_set(candidate.layers, candidate.normalization, rows)
+    streamed = (candidate.kind in ("logreg", "softmax")
+                and dataset.fit_bytes(candidate.layers, rows) > head_data.FIT_IN_MEMORY_BYTES)
+    if streamed:
+        x_fit = dataset.fit_rows(candidate.layers, candidate.normalization, rows)
+        y_fit = dataset.fit_labels(x_fit.own, x_fit.extra)
+    else:
+        x_fit, y_fit = dataset.fit_set(candidate.layers, candidate.normalization, rows)
     try:
         model = probe_pipeline(candidate.kind, candidate.normalization, C=candidate.C, max_iter=max_iter, seed=seed,
                                y=y_fit)
     except ProbeError as exc:
         raise HeadError(str(exc)) from None
-    messages = fit_recording(model, x_fit, y_fit)
+    if streamed:
+        if len(model) > 1:  # the scaler first (statistics over chunks), then the probe on standardized chunks
+            x_fit = dataclasses.replace(x_fit, scaler=model[0].fit(x_fit))
+        messages = fit_recording(model[-1], x_fit, y_fit)
+    else:
+        messages = fit_recording(model, x_fit, y_fit)
     for message in messages:
         logger.warning("%s refit: %s", candidate, message)
     return Probe(candidate=candidate, model=model, train_seconds=time.perf_counter() - tick,
                  warnings=[f"refit {candidate.as_dict()}: {m}" for m in messages],
                  block_dims=tuple(dataset.images[layer].shape[1] for layer in candidate.layers))
+
+
+def predict_rows(dataset: Dataset, index: np.ndarray, probe: Probe) -> np.ndarray:
+    """probe's probabilities [len(index), K] for images `index`, read and predicted chunk by chunk."""
+    return np.concatenate([probe.predict_proba(x) for x in dataset.iter_eval(probe.candidate.layers, "none", index)])
 
 
 def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> None:
@@ -142,59 +166,6 @@ def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> 
 
 
 # ------------------------------------------------------------------------------------------------ stage
-@dataclass(frozen=True)
-class Dataset:
-    """The features file arranged for the protocol: one row per manifest image (`images`, TTA views averaged)
-    plus extra training rows (`extra`, each from image `extra_source`): the TTA views themselves with
-    tta_mode "rows", and the augmented training views. A fit on images S uses S's extra rows too (with
-    tta_mode "rows" instead of S's averaged rows); evaluation uses the images' own rows."""
-    images: dict[str, np.ndarray]  # layer -> [N, D]
-    labels: np.ndarray  # [N]
-    split: np.ndarray  # [N]
-    paths: list[str]  # [N]
-    extra: dict[str, np.ndarray]  # layer -> [M, D]
-    extra_source: np.ndarray  # [M] image index
-    views_replace_images: bool = False  # tta_mode "rows": fit on the views instead of their mean
-
-    @classmethod
-    def from_arrays(cls, images: dict[str, np.ndarray], labels: np.ndarray, split: Sequence[str]) -> Dataset:
-        """A Dataset of in-memory features {layer: [N, D]} without extra rows (tests, benchmarks)."""
-        n = len(labels)
-        return cls(images=dict(images), labels=np.asarray(labels, dtype=np.int64), split=np.asarray(split),
-                   paths=[str(i) for i in range(n)], extra={k: v[:0] for k, v in images.items()},
-                   extra_source=np.zeros(0, dtype=np.int64))
-
-    def rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
-
-    def eval_set(self, layers: Sequence[str], normalization: str, index: np.ndarray) -> np.ndarray:
-        """Normalized features [len(index), D] of images `index`."""
-        return normalize_blocks([self.images[layer][index] for layer in layers], normalization)
-
-    def fit_set(self, layers: Sequence[str], normalization: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(normalized features [R, D], labels [R]) to fit on images `index`: their rows and extra rows."""
-        extra = np.flatnonzero(np.isin(self.extra_source, index))
-        own = np.empty(0, dtype=np.int64) if self.views_replace_images and len(extra) else np.asarray(index)
-        blocks = [np.concatenate([self.images[layer][own], self.extra[layer][extra]]) for layer in layers]
-        labels = np.concatenate([self.labels[own], self.labels[self.extra_source[extra]]])
-        return normalize_blocks(blocks, normalization), labels
-
-
-def arrange(data: FeatureFile) -> Dataset:
-    views = views_per_image(data.attrs)
-    n = len(data.paths) // views
-    images = {layer: (x if views == 1 else x.reshape(n, views, x.shape[1]).mean(1, dtype=np.float32))
-              for layer, x in data.features.items()}
-    extra = {layer: data.augmented.get(layer, np.zeros((0, x.shape[1]), x.dtype)) for layer, x in images.items()}
-    source = data.augmented_source
-    if views > 1:
-        extra = {layer: np.concatenate([x, extra[layer]]) for layer, x in data.features.items()}
-        source = np.concatenate([np.repeat(np.arange(n), views), source])
-    return Dataset(images=images, labels=data.labels[::views], split=data.split[::views],
-                   paths=data.paths[::views], extra=extra, extra_source=source.astype(np.int64),
-                   views_replace_images=views > 1)
-
-
 def resolve_feature_sets(feature_sets: Sequence[Sequence[str]], attrs: dict[str, Any],
                          stored: Sequence[str], features_path: Path) -> list[tuple[str, ...]]:
     """head.feature_sets with aliases (`mid`) replaced by the stored layer names (attrs layer_aliases);
@@ -213,10 +184,16 @@ def resolve_feature_sets(feature_sets: Sequence[Sequence[str]], attrs: dict[str,
     return out
 
 
-def load_checked_features(*, backbone_name: str, features_path: Path, manifest_path: Path,
-                          weights_path: Path) -> tuple[FeatureFile, dict[str, str]]:
-    """Read every stored layer and check provenance (stages.features.read_checked); also the input hashes."""
-    return read_checked(features_path, backbone=backbone_name, manifest_path=manifest_path, weights_path=weights_path)
+def load_checked_features(*, backbone_name: str, features_path: Path, manifest_path: Path, weights_path: Path,
+                          stack: contextlib.ExitStack | None = None) -> tuple[FeatureReader, dict[str, str]]:
+    """Open features_path lazily and check it (stages.features.open_checked: shapes, dtypes and provenance; then
+    every value finite, in one chunked pass); returns (reader, input hashes). The file stays open until `stack`
+    closes; without one it is closed once checked."""
+    with contextlib.ExitStack() as local:
+        reader, hashes = (stack or local).enter_context(open_checked(
+            features_path, backbone=backbone_name, manifest_path=manifest_path, weights_path=weights_path))
+        reader.check_finite()
+        return reader, hashes
 
 
 def selection_folds(dataset: Dataset, rows: np.ndarray, params: HeadParams
@@ -236,30 +213,31 @@ def selection_folds(dataset: Dataset, rows: np.ndarray, params: HeadParams
     return folds, {"method": "cv", "folds": len(folds), "stratified": True, "seed": params.seed}
 
 
-def knn_probe(dataset: Dataset, chooser: np.ndarray, rows: np.ndarray, heldout: np.ndarray,
+def knn_probe(dataset: Dataset, chooser: Dataset, rows: np.ndarray, heldout: np.ndarray,
               folds: Sequence[tuple[np.ndarray, np.ndarray]], *, feature_sets: Sequence[tuple[str, ...]],
               ks: Sequence[int], n_classes: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     """Cosine k-NN (each layer L2-normalized): the feature set and k chosen on `folds` (index pairs into
-    `chooser`, the rows that choose; its own choice, not the linear probe's), one neighbour search per fold and
-    feature set at the largest k, reused for every k. Then every selection image (`rows`) votes for the held-out
-    ones. Returns ({"k", "layers", "selection_accuracy", "sweep", "search"}, held-out probabilities [H, K])."""
+    `chooser`, the images that choose, in memory; its own choice, not the linear probe's), one neighbour search per
+    fold and feature set at the largest k, reused for every k. Then every selection image (`rows`) votes for the
+    held-out ones (both read in chunks, stages.neighbours.cosine_search_rows). Returns ({"k", "layers",
+    "selection_accuracy", "sweep", "search"}, held-out probabilities [H, K])."""
     ks = sorted(set(int(k) for k in ks))
     sweep: list[dict[str, Any]] = []
     scored = sum(len(s) for _, s in folds)
     for layers in feature_sets:
         correct = np.zeros(len(ks))
-        for fit, score in folds:
-            fit_rows, score_rows = chooser[fit], chooser[score]
-            found = cosine_search(dataset.eval_set(layers, "l2", fit_rows), dataset.eval_set(layers, "l2", score_rows),
+        for fit_rows, score_rows in folds:
+            found = cosine_search(chooser.eval_set(layers, "l2", fit_rows), chooser.eval_set(layers, "l2", score_rows),
                                   k=ks[-1], seed=seed, in_place=True)  # eval_set's arrays are new
             for j, k in enumerate(ks):
-                votes = knn_vote(found, dataset.labels[fit_rows], k=k, n_classes=n_classes)
-                correct[j] += np.sum(votes.argmax(1) == dataset.labels[score_rows])
+                votes = knn_vote(found, chooser.labels[fit_rows], k=k, n_classes=n_classes)
+                correct[j] += np.sum(votes.argmax(1) == chooser.labels[score_rows])
         sweep += [{"layers": list(layers), "k": k, "accuracy": float(c / scored)} for k, c in zip(ks, correct)]
     best = max(enumerate(sweep), key=lambda item: (round(item[1]["accuracy"], 12), -item[0]))[1]
     layers = best["layers"]
-    found = cosine_search(dataset.eval_set(layers, "l2", rows), dataset.eval_set(layers, "l2", heldout),
-                          k=best["k"], seed=seed, in_place=True)
+    found = cosine_search_rows(lambda r: dataset.eval_set(layers, "l2", rows[r]), len(rows),
+                               lambda r: dataset.eval_set(layers, "l2", heldout[r]), len(heldout),
+                               k=best["k"], seed=seed)
     proba = knn_vote(found, dataset.labels[rows], k=best["k"], n_classes=n_classes)
     return {"k": best["k"], "layers": layers, "selection_accuracy": best["accuracy"], "sweep": sweep,
             "search": found.search}, proba
@@ -268,20 +246,26 @@ def knn_probe(dataset: Dataset, chooser: np.ndarray, rows: np.ndarray, heldout: 
 def few_shot_curve(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, candidate: Candidate, *,
                    shots: Sequence[int], draws: int, seed: int, max_iter: int) -> list[dict[str, Any]]:
     """Held-out accuracy of logreg on `shots` images per class drawn from the selection images (`draws` seeded
-    draws each; the candidate's layers, normalization and C, which the selection images chose)."""
-    x_heldout, y_heldout = dataset.eval_set(candidate.layers, candidate.normalization, heldout), dataset.labels[heldout]
-    curve = []
-    for k in sorted(set(shots)):
-        accuracies = []
-        for d in range(draws):
-            drawn = rows[draw_few_shot(dataset.labels[rows], shots=k, seed=seed + d)]
-            model = probe_pipeline("logreg", candidate.normalization, C=candidate.C, max_iter=max_iter,
-                                   seed=seed, y=dataset.labels[drawn])
-            fit_recording(model, dataset.eval_set(candidate.layers, candidate.normalization, drawn),
-                          dataset.labels[drawn])
-            accuracies.append(float(np.mean(model.predict(x_heldout) == y_heldout)))
-        curve.append({"shots": k, "draws": draws, **spread(accuracies)})
-    return curve
+    draws each; the candidate's layers, normalization and C, which the selection images chose). The drawn images
+    are read once; every model then predicts the held-out images in one chunked pass."""
+    drawn = {(k, d): rows[draw_few_shot(dataset.labels[rows], shots=k, seed=seed + d)]
+             for k in sorted(set(shots)) for d in range(draws)}
+    union = np.unique(np.concatenate(list(drawn.values())))
+    few = dataset.subset(union)
+    models = {}
+    for key, images in drawn.items():
+        local = np.searchsorted(union, images)
+        models[key] = probe_pipeline("logreg", candidate.normalization, C=candidate.C, max_iter=max_iter,
+                                     seed=seed, y=few.labels[local])
+        fit_recording(models[key], few.eval_set(candidate.layers, candidate.normalization, local), few.labels[local])
+    correct = dict.fromkeys(drawn, 0)
+    y_heldout, start = dataset.labels[heldout], 0
+    for x in dataset.iter_eval(candidate.layers, candidate.normalization, heldout):
+        for key, model in models.items():
+            correct[key] += int(np.sum(model.predict(x) == y_heldout[start:start + len(x)]))
+        start += len(x)
+    return [{"shots": k, "draws": draws, **spread([correct[(k, d)] / len(heldout) for d in range(draws)])}
+            for k in sorted(set(shots))]
 
 
 def backbone_export(backbone: Any, weights_path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -315,16 +299,8 @@ def drop_audited_heldout(dataset: Dataset, audit_path: Path | None) -> tuple[Dat
     if drop.sum() == np.sum(dataset.split == heldout):
         raise HeadError(f"--audit {audit_path} drops every {heldout} image; nothing would be evaluated. Set "
                         f"audit.cross_split: report (params.yaml)")
-    keep = np.flatnonzero(~drop)
-    new_index = np.cumsum(~drop) - 1
-    extra = np.flatnonzero(~drop[dataset.extra_source]) if len(dataset.extra_source) else dataset.extra_source
     dropped = sorted(p for p, d in zip(dataset.paths, drop) if d)
-    return Dataset(
-        images={k: v[keep] for k, v in dataset.images.items()}, labels=dataset.labels[keep],
-        split=dataset.split[keep], paths=[dataset.paths[i] for i in keep],
-        extra={k: v[extra] for k, v in dataset.extra.items()},
-        extra_source=new_index[dataset.extra_source[extra]].astype(np.int64),
-        views_replace_images=dataset.views_replace_images), {"policy": policy, "dropped_from_heldout": dropped}
+    return dataset.without(drop), {"policy": policy, "dropped_from_heldout": dropped}
 
 
 def choice_rows(dataset: Dataset, rows: np.ndarray, params: HeadParams) -> tuple[np.ndarray, dict[str, Any]]:
@@ -354,7 +330,7 @@ def refit_feature_sets(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, 
     for layers in feature_sets:
         own = choose([s for s in scores if s.candidate.layers == layers])
         probe = fit_candidate(dataset, rows, own.candidate, max_iter=params.max_iter, seed=params.seed)
-        proba = probe.predict_proba(dataset.eval_set(layers, "none", heldout))
+        proba = predict_rows(dataset, heldout, probe)
         probes[layers] = probe
         predictions["layers=" + "+".join(layers)] = proba
         per_set.append({"layers": list(layers), **own.candidate.as_dict(), "selection_accuracy": own.accuracy,
@@ -383,15 +359,17 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
     "feature_sets" (per set: its best candidate refit + held-out metrics), "knn", "few_shot", "predictions"
     {row: held-out probabilities}}."""
     heldout_name, rows, heldout = protocol_rows(dataset, classes)
-    chooser, used = choice_rows(dataset, rows, params)
-    folds, selection = selection_folds(dataset, chooser, params)
+    chooser_rows, used = choice_rows(dataset, rows, params)
+    chooser = dataset.subset(chooser_rows)  # the images that choose, in memory; image i is chooser_rows[i]
+    chooser_index = np.arange(len(chooser_rows))
+    folds, selection = selection_folds(chooser, chooser_index, params)
     n_classes = len(classes)
     logger.info("selection: %s on %d of %d images (%s), held out: %s (%d images); %d feature set(s) x %d "
-                "normalization(s) x %d kind(s) x %d C", selection["method"], len(chooser), len(rows),
+                "normalization(s) x %d kind(s) x %d C", selection["method"], len(chooser_rows), len(rows),
                 ", ".join(sorted(set(dataset.split[rows]))), heldout_name, len(heldout), len(feature_sets),
                 len(params.normalization), len(params.kind), len(params.C))
     try:
-        scores = select(dataset, chooser, folds, kinds=params.kind, feature_sets=feature_sets,
+        scores = select(chooser, chooser_index, folds, kinds=params.kind, feature_sets=feature_sets,
                         normalizations=params.normalization, Cs=params.C, max_iter=params.max_iter,
                         seed=params.seed, n_classes=n_classes)
         best = choose(scores)
@@ -470,30 +448,31 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
         backbone = get_backbone(backbone_name, custom)
     except KeyError as exc:
         raise HeadError(f"--backbone: {exc.args[0]}") from None
-    data, hashes = load_checked_features(backbone_name=backbone_name, features_path=features_path,
-                                         manifest_path=manifest_path, weights_path=weights_path)
-    classes = list(data.attrs["classes"])
-    dataset, audit = drop_audited_heldout(arrange(data), audit_path)  # --audit: the audit stage's decision
-    feature_sets = resolve_feature_sets(params.feature_sets, data.attrs, list(dataset.images), features_path)
-    result = evaluate_protocol(dataset, classes, params, feature_sets)
-    heldout = result["heldout_rows"]
-    state, classifier = backbone_export(backbone, weights_path)
-    provenance = {  # the features file and what it was computed from
-        "path": str(features_path), "sha256": sha256_file(features_path),
-        "weights": str(weights_path), "manifest": str(manifest_path), **hashes,
-        **{key: data.attrs.get(key) for key in ("storage_dtype", "precision", "preprocess", "tta", "tta_mode")},
-        "n_images": len(dataset.labels), "augmented_rows": int(len(data.augmented_source))}
-    inputs = {"backbone": backbone, "state": state, "classifier": classifier, "attrs": data.attrs,
-              "classes": classes, "provenance": provenance, "features_path": features_path}
-    export = export_probe(result["probe"], dataset=dataset, heldout=heldout, inputs=inputs, result=result)
+    with contextlib.ExitStack() as stack:  # the features file stays open while rows are read from it
+        data, hashes = load_checked_features(backbone_name=backbone_name, features_path=features_path,
+                                             manifest_path=manifest_path, weights_path=weights_path, stack=stack)
+        classes = list(data.attrs["classes"])
+        dataset, audit = drop_audited_heldout(arrange_stored(data), audit_path)  # --audit: the audit's decision
+        feature_sets = resolve_feature_sets(params.feature_sets, data.attrs, list(dataset.images), features_path)
+        result = evaluate_protocol(dataset, classes, params, feature_sets)
+        heldout = result["heldout_rows"]
+        state, classifier = backbone_export(backbone, weights_path)
+        provenance = {  # the features file and what it was computed from
+            "path": str(features_path), "sha256": sha256_file(features_path),
+            "weights": str(weights_path), "manifest": str(manifest_path), **hashes,
+            **{key: data.attrs.get(key) for key in ("storage_dtype", "precision", "preprocess", "tta", "tta_mode")},
+            "n_images": len(dataset.labels), "augmented_rows": int(len(data.augmented_source))}
+        inputs = {"backbone": backbone, "state": state, "classifier": classifier, "attrs": data.attrs,
+                  "classes": classes, "provenance": provenance, "features_path": features_path}
+        export = export_probe(result["probe"], dataset=dataset, heldout=heldout, inputs=inputs, result=result)
+        # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
+        # the best pool-only candidate of the same selection, or the chosen probe when pool alone was not offered.
+        pool_probe = result["probes"].get(("pool",), result["probe"])
+        pool_export = export_probe(pool_probe, dataset=dataset, heldout=heldout, inputs=inputs, result=result)
     save_export(model_path, export)
     save_onnx(onnx_path_for(model_path), export, images=read_sample_images(  # checked on held-out images
         raw_dir, [dataset.paths[i] for i in heldout], preprocess_from(export["backbone"]["preprocess"])))
-    # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
-    # the best pool-only candidate of the same selection, or the chosen probe when pool alone was not offered.
-    pool_probe = result["probes"].get(("pool",), result["probe"])
-    save_export(model_path.parent / "probe_pool.pt",
-                export_probe(pool_probe, dataset=dataset, heldout=heldout, inputs=inputs, result=result))
+    save_export(model_path.parent / "probe_pool.pt", pool_export)
     metrics = head_metrics(result, backbone_name=backbone_name, provenance=provenance, audit=audit)
     write_json(reports_dir / "metrics.json", metrics)
     write_head_reports(reports_dir, model_path, metrics=metrics, result=result, labels=dataset.labels,

@@ -10,6 +10,7 @@ L2-normalized float32 rows). Rule, by size only (never by a timing, so the same 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ EXACT_MAX_ROWS = 50_000
 TRAIN_PER_LIST = 40
 NPROBE = 16
 RECALL_QUERIES = 500
+SEARCH_CHUNK_ROWS = 16384  # rows normalized and added / searched at a time by cosine_search_rows
 KNN_TEMPERATURE = 0.07  # k-NN vote weight exp(cosine similarity / T), as in the DINO / InstDisc k-NN protocol
 
 
@@ -40,18 +42,17 @@ def l2_normalized(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     return out
 
 
-def _approximate_index(base: np.ndarray, *, seed: int) -> tuple[Any, dict[str, Any]]:
-    rows, dim = base.shape
+def _approximate_index(dim: int, rows: int, *, seed: int) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """An untrained IndexIVFFlat for `rows` base rows of `dim` columns, the sorted rows to train it on (seeded),
+    and its record."""
     nlist = int(round(np.sqrt(rows)))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
-    sample = np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_LIST * nlist), replace=False)
-    index.train(base[np.sort(sample)])
-    index.add(base)
     index.nprobe = min(NPROBE, nlist)
-    return index, {"method": "approximate", "index": "IndexIVFFlat", "rows": rows, "nlist": nlist,
-                   "nprobe": int(index.nprobe), "train_rows": int(len(sample))}
+    sample = np.sort(np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_LIST * nlist), replace=False))
+    return index, sample, {"method": "approximate", "index": "IndexIVFFlat", "rows": rows, "nlist": nlist,
+                           "nprobe": int(index.nprobe), "train_rows": int(len(sample))}
 
 
 def cosine_search(base: np.ndarray, queries: np.ndarray, *, k: int, seed: int = 0,
@@ -68,13 +69,63 @@ def cosine_search(base: np.ndarray, queries: np.ndarray, *, k: int, seed: int = 
         similarity, found = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         info: dict[str, Any] = {"method": "exact", "index": "IndexFlatIP", "rows": len(base)}
     else:
-        index, info = _approximate_index(base, seed=seed)
+        index, sample, info = _approximate_index(base.shape[1], len(base), seed=seed)
+        index.train(base[sample])
+        index.add(base)
         similarity, found = index.search(queries, k)
         del index
         if len(queries):
             info["recall_at_k"] = measured_recall(base, queries, found, k=k, sample=recall_sample, seed=seed)
     info["k"] = k
     return Neighbours(similarity=similarity, index=found.astype(np.int64), search=info)
+
+
+def cosine_search_rows(base: Callable[[np.ndarray], np.ndarray], n_base: int, queries: Callable[[np.ndarray], np.ndarray],
+                       n_queries: int, *, k: int, seed: int = 0, chunk_rows: int | None = None,
+                       exact_max_rows: int = EXACT_MAX_ROWS, recall_sample: int = RECALL_QUERIES) -> Neighbours:
+    """cosine_search for rows too many to hold as one float32 array: base(rows) and queries(rows) give the rows of
+    the index array `rows` [B, D] (any float dtype; normalized here, chunk by chunk). The same neighbours as
+    cosine_search on the whole arrays (the same rule by size, the same seeded training rows); memory: the exact
+    search holds the base (at most exact_max_rows rows), the approximate one its index, plus a chunk."""
+    k, chunk_rows = int(min(k, n_base)), chunk_rows or SEARCH_CHUNK_ROWS
+    chunks = [np.arange(start, min(n_base, start + chunk_rows)) for start in range(0, n_base, chunk_rows)]
+    if n_base <= exact_max_rows:
+        index = faiss.IndexFlatIP(int(base(np.arange(1)).shape[1]))
+        for rows in chunks:  # faiss.knn on the whole base and IndexFlatIP.search give the same neighbours
+            index.add(l2_normalized(base(rows), in_place=True))
+        info: dict[str, Any] = {"method": "exact", "index": "IndexFlatIP", "rows": n_base}
+    else:
+        index, sample, info = _approximate_index(int(base(np.arange(1)).shape[1]), n_base, seed=seed)
+        index.train(l2_normalized(base(sample), in_place=True))
+        for rows in chunks:
+            index.add(l2_normalized(base(rows), in_place=True))
+    parts = [index.search(l2_normalized(queries(np.arange(start, min(n_queries, start + chunk_rows))), in_place=True),
+                          k) for start in range(0, n_queries, chunk_rows)]
+    similarity = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, k), np.float32)
+    found = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, k), np.int64)
+    if info["method"] == "approximate" and n_queries:
+        picked = np.sort(np.random.default_rng(seed).choice(n_queries, size=min(recall_sample, n_queries),
+                                                            replace=False))
+        sampled = l2_normalized(queries(picked), in_place=True)
+        normalized = (l2_normalized(base(rows), in_place=True) for rows in chunks)  # the base, read once more
+        truth = _exact_over_chunks(sampled, normalized, offsets=[int(rows[0]) for rows in chunks], k=k)
+        hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found[picked], truth)]
+        info["recall_at_k"] = round(float(np.mean(hits)) / k, 4)
+    info["k"] = k
+    return Neighbours(similarity=similarity, index=found.astype(np.int64), search=info)
+
+
+def _exact_over_chunks(queries: np.ndarray, chunks: Iterator[np.ndarray], *, offsets: Sequence[int],
+                       k: int) -> np.ndarray:
+    """Indices [Q, k] of the exact k nearest rows of base chunks (normalized, in order, starting at `offsets`)."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for offset, chunk in zip(offsets, chunks):
+        s, i = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_s, best_i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i + offset], axis=1)
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+    return best_i
 
 
 def measured_recall(base: np.ndarray, queries: np.ndarray, found: np.ndarray, *, k: int, sample: int,
