@@ -87,3 +87,17 @@ def test_search_over_row_chunks_gives_the_neighbours_of_the_whole_arrays(exact_m
     np.testing.assert_allclose(chunked.similarity, whole.similarity, rtol=0, atol=1e-6)
     assert chunked.search == whole.search
     assert max(reads) <= max(64, whole.search.get("train_rows", 0), nb.RECALL_QUERIES)
+
+
+def test_a_large_approximate_index_stores_float16_and_still_finds_the_neighbours(monkeypatch) -> None:
+    """Past FLAT_MAX_BYTES of float32 vectors the index stores float16 (half the memory): the same lists, the same
+    neighbours on clustered data up to ties, similarities within float16 rounding."""
+    base, _ = clustered(4000)
+    queries, _ = clustered(300, seed=2)
+    flat = nb.cosine_search(base, queries, k=10, exact_max_rows=1000, seed=3)
+    monkeypatch.setattr(nb, "FLAT_MAX_BYTES", 1000)
+    half = nb.cosine_search(base, queries, k=10, exact_max_rows=1000, seed=3)
+    assert flat.search["index"] == "IndexIVFFlat" and half.search["index"] == "IndexIVFScalarQuantizer(fp16)"
+    overlap = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(half.index, flat.index)])
+    assert overlap >= 0.95 and half.search["recall_at_k"] >= flat.search["recall_at_k"] - 0.05
+    np.testing.assert_allclose(half.similarity[:, 0], flat.similarity[:, 0], atol=2e-3)
