@@ -48,11 +48,15 @@ finetune-ddp: install
 		--manifest data/prepared/manifest.csv --weights models/pretrained/$(BACKBONE).pth \
 		--probe models/$(BACKBONE)/probe_pool.pt --out models/finetune/$(BACKBONE) --reports reports/finetune/$(BACKBONE)
 
+# The whole suite in two runs: the tests not marked slow on two pytest-xdist workers (as `make test-fast`), then
+# the slow ones in one process, so the real pipeline run they share (tests/conftest.py `real_pipeline`) is made once.
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS); fast=$$?; \
+	$(BIN)/python -m pytest -q -m slow; slow=$$?; \
+	test $$fast = 0 && test $$slow = 0
 
 # The quick loop: the tests not marked slow on two pytest-xdist workers.
-PYTEST_WORKERS ?= 2
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
 

@@ -26,6 +26,10 @@ pickled is ever executed:
                               "gamma" (float), "n_classes"
                      platt:   "platt_a" [K'], "platt_b" [K']: p_k = sigmoid(-(a_k s_k + b_k)), normalized over
                               classes (binary: K' = 1 scores class 1; p_0 = 1 - p_1)
+                     softmax: optional "temperature" T > 0 (format_version 3; head.calibration temperature):
+                              p = softmax(scores / T). Absent, as in every format 1 and 2 file, T = 1: those
+                              heads were exported uncalibrated, so T = 1 is exactly what they computed
+                     optional "class_weight": "none" | "balanced", how the head's loss weighed the classes
     provenance       where the export came from (features, weights, manifest hashes, chosen C, ...)
 
 Every write is atomic (a temporary file beside the target, then os.replace) and checked before it replaces the
@@ -34,6 +38,7 @@ target: classifier.pt must load with weights_only=True (classifier.onnx's parity
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,8 +52,8 @@ from stages.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3 added the head's "temperature"; code reading only 1 and 2 would ignore it, so it refuses 3
+READABLE_VERSIONS = (1, 2, 3)
 PREPROCESS_KEYS = ("input_size", "resize", "interpolation", "mean", "std")
 
 
@@ -127,10 +132,16 @@ class RBFSVMHead(nn.Module):
 
 
 class SoftmaxOutput(nn.Module):
-    """Probabilities [B, K] = softmax(scores [B, K])."""
+    """Probabilities [B, K] = softmax(scores [B, K] / temperature) (temperature scaling; 1: plain softmax)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ExportError(f"head temperature must be a positive finite number; got {temperature!r}")
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(scores, dim=1)
+        return torch.softmax(scores / self.temperature, dim=1)
 
 
 class PlattOutput(nn.Module):
@@ -170,7 +181,10 @@ def build_head(spec: dict[str, Any]) -> nn.Module:
             scorer = nn.Sequential(L2Blocks(spec["l2_blocks"]), scorer)
         output = spec.get("output", "softmax")
         if output == "softmax":
-            return nn.Sequential(scorer, SoftmaxOutput())
+            return nn.Sequential(scorer, SoftmaxOutput(spec.get("temperature", 1.0)))
+        if spec.get("temperature", 1.0) != 1.0:
+            raise ExportError(f"head temperature applies to softmax outputs only; this {output!r} head has "
+                              f"{spec['temperature']!r}")
         if output == "platt":
             return nn.Sequential(scorer, PlattOutput(spec["platt_a"], spec["platt_b"]))
         raise ExportError(f"head output must be 'softmax' or 'platt'; got {output!r}")

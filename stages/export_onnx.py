@@ -7,7 +7,8 @@ anything else that runs ONNX, without torch or this code:
     output "probabilities"  float64 [N, K]: column k is classes[k]
     metadata_props          "format_version", "backbone" (name), "classes" (JSON list), "preprocess" (JSON:
                             input_size, resize, interpolation, mean, std), "layers", "tta" (JSON lists),
-                            "precision" (always "float32": see below), "head" (type/output)
+                            "precision" (always "float32": see below), "head" (type/output), "temperature"
+                            (the softmax temperature the graph already applies; "1.0" for Platt and older heads)
 
 The graph computes classifier_from_export's module: backbone, the TTA views averaged, the layers concatenated,
 the L2 blocks and the head. It is put together from two exported parts with the `onnx` library
@@ -71,7 +72,8 @@ def onnx_metadata(export: dict[str, Any]) -> dict[str, str]:
             "classes": json.dumps([str(c) for c in export["classes"]]),
             "preprocess": json.dumps(preprocess_from(spec["preprocess"]).as_dict()),
             "layers": json.dumps(layers), "tta": json.dumps(list(spec.get("tta") or ["none"])),
-            "precision": "float32", "head": f"{head.get('type', 'linear')}/{head.get('output', 'softmax')}"}
+            "precision": "float32", "head": f"{head.get('type', 'linear')}/{head.get('output', 'softmax')}",
+            "temperature": repr(float(head.get("temperature", 1.0)))}
 
 
 def read_sample_images(root: str | Path, paths: Sequence[str], preprocess: Preprocess, *,

@@ -8,7 +8,9 @@
    manifest, and hold the manifest's images (path + sha256, in order); otherwise ProvenanceError says which
    attribute differs and to re-run `dvc repro extract@NAME`.
 2. Protocol (stages/evaluation.py): the held-out split is test when the manifest has one, else val. Every
-   candidate (head.kind x head.feature_sets x head.normalization x head.C) is scored on the other images only:
+   candidate (head.kind x head.feature_sets x head.normalization x head.class_weight x head.C; "balanced" is
+   skipped where the selection images' classes are balanced, metrics.json selection.class_weight says so) is
+   scored on the other images only:
    stratified k-fold CV (`head.selection: cv`) or train -> val (`val`). The best selection accuracy wins (ties:
    lower log loss, then params order) and is refit on all selection images; the held-out split is predicted
    once, after every choice. Poisoning its labels changes no choice (tests/test_head.py). With more selection
@@ -21,6 +23,11 @@
    Memory (stages/head_data.py): the file is read lazily, never a whole layer; the choosing rows are read once
    (at most selection_max_rows images); a logreg refit larger than head_data.FIT_IN_MEMORY_BYTES streams its
    rows in chunks (scaler statistics accumulated over chunks); held-out rows are predicted and searched in chunks.
+   Calibration (head.calibration: temperature, stages/calibration.py): a logreg head's logits are divided by one
+   temperature T fitted on the chosen candidate's out-of-fold selection logits (the folds' own fits, no refit);
+   the export applies T, so predict's probabilities are calibrated. metrics.json `calibration` holds T and the
+   held-out ECE and log loss before and after; heldout.ece / log_loss stay the uncalibrated values (comparable
+   with every other row), heldout.ece_calibrated / log_loss_calibrated are the exported classifier's.
 3. From the same cache, no second backbone pass: every feature set's own best candidate (report rows), a cosine
    k-NN probe (feature set and k chosen on the selection folds from one faiss search per fold at the largest k;
    votes weighted exp(similarity / 0.07); exact search up to 50,000 base rows, an inverted-file index above,
@@ -31,9 +38,12 @@
 
 Outputs (predictions are the argmax of the probabilities everywhere; every accuracy has a 95% Wilson interval):
     reports/NAME/metrics.json        DVC metrics: heldout.* (accuracy, accuracy_ci_low/high, ...), heldout_split,
-                                     selection (method, chosen, candidates), feature_sets, knn, few_shot
-    reports/NAME/predictions.json    held-out predictions per row (probe, knn, layers=...): stages/evaluation.py
-    reports/NAME/errors.csv          misclassified held-out images: path,true,predicted,prob (prob of the prediction)
+                                     selection (method, chosen, candidates, class_weight), class_weight,
+                                     calibration (T, held-out ECE / log loss before and after), feature_sets, knn,
+                                     few_shot
+    reports/NAME/predictions.json    held-out predictions per row (probe: calibrated, as exported; knn, layers=...)
+    reports/NAME/errors.csv          misclassified held-out images: path,true,predicted,prob (prob of the prediction,
+                                     calibrated)
     reports/NAME/plots/confusion.json, calibration.json, per_class.json (DVC plots, held-out) and the same as PNG
     models/NAME/classifier.pt        backbone + preprocessing + head (format: stages/export.py)
     models/NAME/classifier.onnx      the same classifier for ONNX Runtime, checked against it on held-out images
@@ -46,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -63,15 +74,16 @@ from stages.backbones import (WeightsError, build_model, classifier_path, get_ba
 from stages.io import setup_logging, sha256_file, write_json
 from stages import head_data
 from stages.features import FeatureReader, FeaturesError, ProvenanceError, open_checked  # noqa: F401 (ProvenanceError: part of head's errors)
-from stages.evaluation import (ProtocolError, draw_few_shot, heldout_split, selection_rows, spread, stratified_folds,
+from stages.evaluation import (ProtocolError, heldout_split, selection_rows, spread, stratified_folds,
                                stratified_subsample)
 from stages.head_data import Dataset, arrange_stored
 from stages.metrics import classification_metrics
 from stages.head_outputs import write_head_reports
-from stages.neighbours import cosine_search, cosine_search_rows, knn_vote
+from stages.head_extras import few_shot_curve, knn_probe
 from stages.params import HeadParams, ParamError, load_params
-from stages.probes import (Candidate, Probe, ProbeError, Score, choose, export_head, fit_recording, probe_pipeline,
-                           sweep_C, verify_export)
+from stages.probes import (Candidate, Probe, ProbeError, Score, choose, class_weight_candidates, export_head,
+                           fit_recording, probe_pipeline, sweep_C, verify_export)
+from stages.calibration import calibrate
 from stages.export import build_export, classifier_from_export, preprocess_from, save_export
 from stages.export_onnx import onnx_path_for, read_sample_images, save_onnx
 
@@ -85,34 +97,48 @@ class HeadError(FeaturesError):
 
 def select(dataset: Dataset, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], *,
            kinds: Sequence[str], feature_sets: Sequence[tuple[str, ...]], normalizations: Sequence[str],
-           Cs: Sequence[float], max_iter: int, seed: int, n_classes: int) -> list[Score]:
+           Cs: Sequence[float], max_iter: int, seed: int, n_classes: int,
+           class_weights: Sequence[str] = ("none",)) -> list[Score]:
     """Score every candidate on `folds` (index pairs into `rows`, the selection images): fit on the fold's fit
-    images (plus their augmented / view rows), score its other images. The held-out split never enters."""
-    totals: dict[Candidate, list[float]] = {}
-    notes: dict[Candidate, list[str]] = {}
-    scored = 0
+    images (plus their augmented / view rows), score its other images. The held-out split never enters. Scores
+    come in params order (kind, layers, normalization, class weight, C); the best one, when it is a logit kind,
+    keeps its out-of-fold logits (Score.out_of_fold, for temperature scaling), no other does (memory)."""
+    scores: list[Score] = []
+    for kind, layers, normalization, class_weight in itertools.product(kinds, feature_sets, normalizations,
+                                                                       class_weights):
+        group = Candidate(kind, tuple(layers), normalization, 0.0, class_weight)
+        scores += score_group(dataset, rows, folds, group, Cs=Cs, max_iter=max_iter, seed=seed, n_classes=n_classes)
+        best = choose(scores)
+        scores = [s if s is best or s.out_of_fold is None else dataclasses.replace(s, out_of_fold=None)
+                  for s in scores]
+    return scores
+
+
+def score_group(dataset: Dataset, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                group: Candidate, *, Cs: Sequence[float], max_iter: int, seed: int, n_classes: int) -> list[Score]:
+    """Scores of `group` (a Candidate whose C is ignored) at every C, over every fold; logit kinds with their
+    out-of-fold logits (every scored selection image's, from the fit that did not see it)."""
+    totals: dict[float, list[Any]] = {}
+    scored = np.concatenate([rows[score] for _, score in folds])
     for fit, score in folds:
-        fit_rows, score_rows = rows[fit], rows[score]
-        scored += len(score_rows)
-        for kind in kinds:
-            for layers in feature_sets:
-                for normalization in normalizations:
-                    tick = time.perf_counter()
-                    x_fit, y_fit = dataset.fit_set(layers, normalization, fit_rows)
-                    x_score = dataset.eval_set(layers, normalization, score_rows)
-                    sweep = sweep_C(x_fit, y_fit, x_score, dataset.labels[score_rows], kind=kind,
-                                    normalization=normalization, Cs=Cs, max_iter=max_iter, seed=seed,
-                                    n_classes=n_classes)
-                    per_c = (time.perf_counter() - tick) / len(sweep)
-                    for C, correct, loss, messages in sweep:
-                        key = Candidate(kind, tuple(layers), normalization, C)
-                        total = totals.setdefault(key, [0.0, 0.0, 0.0])
-                        total[0] += correct
-                        total[1] += loss
-                        total[2] += per_c
-                        notes.setdefault(key, []).extend(messages)
-    return [Score(candidate=key, accuracy=t[0] / scored, log_loss=t[1] / scored, seconds=t[2],
-                  warnings=tuple(dict.fromkeys(notes[key]))) for key, t in totals.items()]
+        tick = time.perf_counter()
+        x_fit, y_fit = dataset.fit_set(group.layers, group.normalization, rows[fit])
+        x_score = dataset.eval_set(group.layers, group.normalization, rows[score])
+        sweep = sweep_C(x_fit, y_fit, x_score, dataset.labels[rows[score]], kind=group.kind,
+                        normalization=group.normalization, Cs=Cs, max_iter=max_iter, seed=seed, n_classes=n_classes,
+                        class_weight=group.class_weight)
+        per_c = (time.perf_counter() - tick) / len(sweep)
+        for C, correct, loss, messages, logits in sweep:
+            total = totals.setdefault(C, [0.0, 0.0, 0.0, [], []])
+            total[0] += correct
+            total[1] += loss
+            total[2] += per_c
+            total[3].extend(messages)
+            total[4].append(logits)
+    return [Score(candidate=dataclasses.replace(group, C=C), accuracy=t[0] / len(scored), log_loss=t[1] / len(scored),
+                  seconds=t[2], warnings=tuple(dict.fromkeys(t[3])),
+                  out_of_fold=None if t[4][0] is None else (scored, np.concatenate(t[4])))
+            for C, t in totals.items()]
 
 
 def fit_candidate(dataset: Dataset, rows: np.ndarray, candidate: Candidate, *, max_iter: int, seed: int) -> Probe:
@@ -129,7 +155,7 @@ def fit_candidate(dataset: Dataset, rows: np.ndarray, candidate: Candidate, *, m
         x_fit, y_fit = dataset.fit_set(candidate.layers, candidate.normalization, rows)
     try:
         model = probe_pipeline(candidate.kind, candidate.normalization, C=candidate.C, max_iter=max_iter, seed=seed,
-                               y=y_fit)
+                               y=y_fit, class_weight=candidate.class_weight)
     except ProbeError as exc:
         raise HeadError(str(exc)) from None
     if streamed:
@@ -211,61 +237,6 @@ def selection_folds(dataset: Dataset, rows: np.ndarray, params: HeadParams
     except ProtocolError as exc:
         raise HeadError(str(exc)) from None
     return folds, {"method": "cv", "folds": len(folds), "stratified": True, "seed": params.seed}
-
-
-def knn_probe(dataset: Dataset, chooser: Dataset, rows: np.ndarray, heldout: np.ndarray,
-              folds: Sequence[tuple[np.ndarray, np.ndarray]], *, feature_sets: Sequence[tuple[str, ...]],
-              ks: Sequence[int], n_classes: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
-    """Cosine k-NN (each layer L2-normalized): the feature set and k chosen on `folds` (index pairs into
-    `chooser`, the images that choose, in memory; its own choice, not the linear probe's), one neighbour search per
-    fold and feature set at the largest k, reused for every k. Then every selection image (`rows`) votes for the
-    held-out ones (both read in chunks, stages.neighbours.cosine_search_rows). Returns ({"k", "layers",
-    "selection_accuracy", "sweep", "search"}, held-out probabilities [H, K])."""
-    ks = sorted(set(int(k) for k in ks))
-    sweep: list[dict[str, Any]] = []
-    scored = sum(len(s) for _, s in folds)
-    for layers in feature_sets:
-        correct = np.zeros(len(ks))
-        for fit_rows, score_rows in folds:
-            found = cosine_search(chooser.eval_set(layers, "l2", fit_rows), chooser.eval_set(layers, "l2", score_rows),
-                                  k=ks[-1], seed=seed, in_place=True)  # eval_set's arrays are new
-            for j, k in enumerate(ks):
-                votes = knn_vote(found, chooser.labels[fit_rows], k=k, n_classes=n_classes)
-                correct[j] += np.sum(votes.argmax(1) == chooser.labels[score_rows])
-        sweep += [{"layers": list(layers), "k": k, "accuracy": float(c / scored)} for k, c in zip(ks, correct)]
-    best = max(enumerate(sweep), key=lambda item: (round(item[1]["accuracy"], 12), -item[0]))[1]
-    layers = best["layers"]
-    found = cosine_search_rows(lambda r: dataset.eval_set(layers, "l2", rows[r]), len(rows),
-                               lambda r: dataset.eval_set(layers, "l2", heldout[r]), len(heldout),
-                               k=best["k"], seed=seed)
-    proba = knn_vote(found, dataset.labels[rows], k=best["k"], n_classes=n_classes)
-    return {"k": best["k"], "layers": layers, "selection_accuracy": best["accuracy"], "sweep": sweep,
-            "search": found.search}, proba
-
-
-def few_shot_curve(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, candidate: Candidate, *,
-                   shots: Sequence[int], draws: int, seed: int, max_iter: int) -> list[dict[str, Any]]:
-    """Held-out accuracy of logreg on `shots` images per class drawn from the selection images (`draws` seeded
-    draws each; the candidate's layers, normalization and C, which the selection images chose). The drawn images
-    are read once; every model then predicts the held-out images in one chunked pass."""
-    drawn = {(k, d): rows[draw_few_shot(dataset.labels[rows], shots=k, seed=seed + d)]
-             for k in sorted(set(shots)) for d in range(draws)}
-    union = np.unique(np.concatenate(list(drawn.values())))
-    few = dataset.subset(union)
-    models = {}
-    for key, images in drawn.items():
-        local = np.searchsorted(union, images)
-        models[key] = probe_pipeline("logreg", candidate.normalization, C=candidate.C, max_iter=max_iter,
-                                     seed=seed, y=few.labels[local])
-        fit_recording(models[key], few.eval_set(candidate.layers, candidate.normalization, local), few.labels[local])
-    correct = dict.fromkeys(drawn, 0)
-    y_heldout, start = dataset.labels[heldout], 0
-    for x in dataset.iter_eval(candidate.layers, candidate.normalization, heldout):
-        for key, model in models.items():
-            correct[key] += int(np.sum(model.predict(x) == y_heldout[start:start + len(x)]))
-        start += len(x)
-    return [{"shots": k, "draws": draws, **spread([correct[(k, d)] / len(heldout) for d in range(draws)])}
-            for k in sorted(set(shots))]
 
 
 def backbone_export(backbone: Any, weights_path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -355,30 +326,36 @@ def protocol_rows(dataset: Dataset, classes: Sequence[str]) -> tuple[str, np.nda
 def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadParams,
                       feature_sets: Sequence[tuple[str, ...]]) -> dict[str, Any]:
     """The whole protocol on a Dataset: choose on the selection rows (or their subsample, `choice_rows`), refit
-    there, evaluate the held-out split once. Returns {"heldout_split", "probe" (Probe), "scores", "selection",
-    "feature_sets" (per set: its best candidate refit + held-out metrics), "knn", "few_shot", "predictions"
-    {row: held-out probabilities}}."""
+    there, calibrate (`calibrate_chosen`), evaluate the held-out split once. Returns {"heldout_split", "probe"
+    (the chosen Probe, with its temperature), "calibration", "scores", "selection", "feature_sets" (per set: its
+    best candidate refit + held-out metrics, uncalibrated), "knn", "few_shot", "predictions" {row: held-out
+    probabilities; "probe": the chosen probe's, calibrated}}."""
     heldout_name, rows, heldout = protocol_rows(dataset, classes)
     chooser_rows, used = choice_rows(dataset, rows, params)
     chooser = dataset.subset(chooser_rows)  # the images that choose, in memory; image i is chooser_rows[i]
     chooser_index = np.arange(len(chooser_rows))
     folds, selection = selection_folds(chooser, chooser_index, params)
     n_classes = len(classes)
+    weights, selection["class_weight"] = class_weight_candidates(chooser.labels, params.class_weight,
+                                                                 n_classes=n_classes)
     logger.info("selection: %s on %d of %d images (%s), held out: %s (%d images); %d feature set(s) x %d "
-                "normalization(s) x %d kind(s) x %d C", selection["method"], len(chooser_rows), len(rows),
-                ", ".join(sorted(set(dataset.split[rows]))), heldout_name, len(heldout), len(feature_sets),
-                len(params.normalization), len(params.kind), len(params.C))
+                "normalization(s) x %d kind(s) x %d class weight(s) x %d C", selection["method"], len(chooser_rows),
+                len(rows), ", ".join(sorted(set(dataset.split[rows]))), heldout_name, len(heldout), len(feature_sets),
+                len(params.normalization), len(params.kind), len(weights), len(params.C))
     try:
         scores = select(chooser, chooser_index, folds, kinds=params.kind, feature_sets=feature_sets,
                         normalizations=params.normalization, Cs=params.C, max_iter=params.max_iter,
-                        seed=params.seed, n_classes=n_classes)
+                        seed=params.seed, n_classes=n_classes, class_weights=weights)
+        scores = [s if s.out_of_fold is None else  # out-of-fold rows index the dataset, as every other row index
+                  dataclasses.replace(s, out_of_fold=(chooser_rows[s.out_of_fold[0]], s.out_of_fold[1])) for s in scores]
         best = choose(scores)
         per_set, predictions, probes = refit_feature_sets(dataset, rows, heldout, scores, feature_sets=feature_sets,
                                                           classes=classes, params=params)
     except ProbeError as exc:
         raise HeadError(str(exc)) from None
     y_heldout = dataset.labels[heldout]
-    predictions["probe"] = predictions["layers=" + "+".join(best.candidate.layers)]
+    probe, predictions["probe"], calibration = calibrate_chosen(dataset, heldout, probes[best.candidate.layers], best,
+                                                                classes=classes, params=params)
     knn, predictions["knn"] = knn_probe(dataset, chooser, rows, heldout, folds, feature_sets=feature_sets,
                                         ks=params.knn_k, n_classes=n_classes, seed=params.seed)
     knn["heldout"] = classification_metrics(predictions["knn"], y_heldout, classes, ece_bins=params.ece_bins)
@@ -388,9 +365,29 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
     selection.update(split="+".join(sorted(set(dataset.split[rows].tolist()))), n=int(len(rows)), rows=used,
                      accuracy=best.accuracy, log_loss=best.log_loss, chosen=best.candidate.as_dict(),
                      candidates=[s.as_dict() for s in scores])
-    return {"heldout_split": heldout_name, "heldout_rows": heldout, "probe": probes[best.candidate.layers],
+    selection["class_weight"]["chosen"] = best.candidate.class_weight
+    return {"heldout_split": heldout_name, "heldout_rows": heldout, "probe": probe, "calibration": calibration,
             "probes": probes, "best": best, "scores": scores, "selection": selection, "feature_sets": per_set,
             "knn": knn, "few_shot": few_shot, "predictions": predictions}
+
+
+def calibrate_chosen(dataset: Dataset, heldout: np.ndarray, probe: Probe, best: Score, *, classes: Sequence[str],
+                     params: HeadParams) -> tuple[Probe, np.ndarray, dict[str, Any]]:
+    """The chosen probe with its temperature (head.calibration, stages/calibration.py: fitted on the selection's
+    out-of-fold logits), its held-out probabilities [H, K] (predicted chunk by chunk), and metrics.json's
+    "calibration" record with the held-out ECE and log loss before and after."""
+    calibrated, record = calibrate(probe, best, dataset.labels, method=params.calibration, ece_bins=params.ece_bins)
+    y_heldout = dataset.labels[heldout]
+    pairs = [(probe.predict_proba(x), calibrated.predict_proba(x))
+             for x in dataset.iter_eval(best.candidate.layers, "none", heldout)]
+    before, after = (np.concatenate([p[i] for p in pairs]) for i in (0, 1))
+    measured = {when: classification_metrics(proba, y_heldout, classes, ece_bins=params.ece_bins)
+                for when, proba in (("before", before), ("after", after))}
+    record["heldout"] = {f"{key}_{when}": measured[when][key] for key in ("ece", "log_loss") for when in measured}
+    logger.info("calibration: %s, T = %.4g; held-out ECE %.4f -> %.4f, log loss %.4f -> %.4f", record["method"],
+                record["temperature"], *(record["heldout"][k] for k in ("ece_before", "ece_after", "log_loss_before",
+                                                                        "log_loss_after")))
+    return calibrated, after, record
 
 
 def export_probe(chosen: Probe, *, dataset: Dataset, heldout: np.ndarray, inputs: dict[str, Any],
@@ -419,14 +416,18 @@ def export_probe(chosen: Probe, *, dataset: Dataset, heldout: np.ndarray, inputs
 def head_metrics(result: dict[str, Any], *, backbone_name: str, provenance: dict[str, Any],
                  audit: dict[str, Any] | None) -> dict[str, Any]:
     """metrics.json's content from the protocol's result."""
-    probe, best = result["probe"], result["best"]
+    probe, best, calibration = result["probe"], result["best"], result["calibration"]
     layers = list(best.candidate.layers)
     warnings_ = list(dict.fromkeys([m for s in result["scores"] for m in s.warnings] + probe.warnings))
+    heldout = dict(next(s["heldout"] for s in result["feature_sets"] if s["layers"] == layers))  # the chosen set's
+    if calibration["method"] != "none":  # what the exported classifier's probabilities score
+        heldout.update(ece_calibrated=calibration["heldout"]["ece_after"],
+                       log_loss_calibrated=calibration["heldout"]["log_loss_after"])
     metrics = {
         "backbone": backbone_name, "head": best.candidate.kind, "layers": layers,
         "normalization": best.candidate.normalization, "C": best.candidate.C,
-        "heldout_split": result["heldout_split"],
-        "heldout": next(s["heldout"] for s in result["feature_sets"] if s["layers"] == layers),  # the chosen set's
+        "class_weight": best.candidate.class_weight, "calibration": calibration,
+        "heldout_split": result["heldout_split"], "heldout": heldout,
         "selection": result["selection"], "feature_sets": result["feature_sets"], "knn": result["knn"],
         "few_shot": result["few_shot"],
         "train_seconds": round(probe.train_seconds, 4), "feature_dim": int(sum(probe.block_dims)),
@@ -466,7 +467,8 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
                   "classes": classes, "provenance": provenance, "features_path": features_path}
         export = export_probe(result["probe"], dataset=dataset, heldout=heldout, inputs=inputs, result=result)
         # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
-        # the best pool-only candidate of the same selection, or the chosen probe when pool alone was not offered.
+        # the best pool-only candidate of the same selection (uncalibrated: T = 1, the fine-tune trains its own
+        # logits), or the chosen probe when pool alone was not offered (the fine-tune reads its weight and bias only).
         pool_probe = result["probes"].get(("pool",), result["probe"])
         pool_export = export_probe(pool_probe, dataset=dataset, heldout=heldout, inputs=inputs, result=result)
     save_export(model_path, export)

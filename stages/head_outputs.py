@@ -45,5 +45,9 @@ def write_head_reports(reports_dir: Path, model_path: Path, *, metrics: dict[str
     write_errors_csv(reports_dir / "errors.csv", [
         {"path": paths[i], "true": classes[t], "predicted": classes[p], "prob": f"{proba[n, p]:.6f}"}
         for n, (i, t, p) in enumerate(zip(heldout, y_heldout, predicted)) if t != p])
+    calibration = result.get("calibration") or {"method": "none"}
+    before = (result["predictions"]["layers=" + "+".join(best.candidate.layers)]
+              if calibration["method"] != "none" else None)
     write_plots(reports_dir / "plots", y_true=y_heldout, proba=proba, classes=classes, ece_bins=params.ece_bins,
-                title=f"{metrics['backbone']} {best.candidate.kind}", split=result["heldout_split"])
+                title=f"{metrics['backbone']} {best.candidate.kind}", split=result["heldout_split"],
+                proba_uncalibrated=before, temperature=float(calibration.get("temperature", 1.0)))

@@ -17,10 +17,16 @@ def model_card(*, backbone_name: str, metrics: dict[str, Any], classes: Sequence
     rows = "\n".join(f"| {escape_md(c)} | " + " | ".join(str(split_counts.get(s, {}).get(c, 0)) for s in SPLITS) +
                      f" | {heldout['per_class'][c]['recall']:.3f} |" for c in classes)
     pre = preprocess or {}
+    calibration = metrics.get("calibration") or {"method": "none"}
+    ece = f"{heldout['ece']:.4f}"
+    if calibration["method"] == "temperature":
+        ece = (f"{heldout['ece']:.4f} before, {calibration['heldout']['ece_after']:.4f} after temperature scaling "
+               f"(what the classifier outputs)")
     return f"""# Model card: {backbone_name} + {chosen['kind']} head
 
 `{model_path}`: a frozen ImageNet-pretrained `{backbone_name}` backbone with a {chosen['kind']} head trained on
-its cached features ({' + '.join(chosen['layers'])}, {chosen['normalization']}, C = {chosen['C']:g}).
+its cached features ({' + '.join(chosen['layers'])}, {chosen['normalization']}, C = {chosen['C']:g}, class weight
+{chosen.get('class_weight', 'none')}). {calibration_sentence(calibration)}
 
 ## Held-out performance ({split} split, {heldout['n']} images, never used to choose anything)
 
@@ -30,7 +36,7 @@ its cached features ({' + '.join(chosen['layers'])}, {chosen['normalization']}, 
 | mean per-class accuracy | {heldout['mean_class_accuracy']:.4f} |
 | macro F1 | {heldout['macro_f1']:.4f} |
 | log loss | {heldout['log_loss']:.4f} |
-| expected calibration error | {heldout['ece']:.4f} |
+| expected calibration error | {ece} |
 
 Selection: {selection['method']} on the {selection['split']} images ({selection['n']}); selection accuracy
 {selection['accuracy']:.4f} over {len(selection['candidates'])} candidates. The chosen setting was then refit on those images.
@@ -63,6 +69,16 @@ python -m stages.predict path/to/image_or_folder --model {model_path} --topk 3
 python -m stages.predict path/to/image_or_folder --model {model_path} --engine onnxruntime  # the .onnx beside it
 ```
 """
+
+
+def calibration_sentence(calibration: dict[str, Any]) -> str:
+    """How the card's classifier turns scores into probabilities (metrics.json "calibration")."""
+    if calibration["method"] != "temperature":
+        return f"Its probabilities are not temperature-scaled ({calibration.get('reason', 'head.calibration: none')})."
+    return (f"Its probabilities are temperature-scaled: softmax(logits / T), T = {calibration['temperature']:.4g}, "
+            f"fitted on the out-of-fold logits of {calibration['fitted_on']['images']} selection images; held-out "
+            f"log loss {calibration['heldout']['log_loss_before']:.4f} -> "
+            f"{calibration['heldout']['log_loss_after']:.4f}.")
 
 
 def escape_md(text: str) -> str:

@@ -201,6 +201,11 @@ class HeadParams:
     seed: int = 0
     ece_bins: int = 15
     selection_max_rows: int | None = 20000  # more selection rows than this: choose on a stratified subsample
+    # Class weights in the fit's loss, candidates like C: "balanced" weighs class c by n / (K n_c) (scikit-learn's
+    # formula); skipped where the selection rows' classes are balanced (stages/probes.class_weight_candidates).
+    class_weight: tuple[Literal["none", "balanced"], ...] = ("none", "balanced")
+    # Probabilities of the chosen logreg head: one temperature fitted on its out-of-fold selection logits, or none.
+    calibration: Literal["temperature", "none"] = "temperature"
     checks = {"max_iter": _positive, "ece_bins": _positive, "knn_k": _positive, "few_shot": _positive,
               "few_shot_draws": _positive, "selection_max_rows": _positive}
 
@@ -215,6 +220,9 @@ class HeadParams:
         _check(self.selection_max_rows is None or self.selection_max_rows >= 10 * self.folds,
                "head.selection_max_rows", f"null or an integer of at least 10 x head.folds ({10 * self.folds})",
                self.selection_max_rows, "selection_max_rows: 20000")
+        _check(len(set(self.class_weight)) == len(self.class_weight), "head.class_weight",
+               "a list of distinct values, each none or balanced", list(self.class_weight),
+               "class_weight: [none, balanced]")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,10 @@
 
     plots/confusion.json, calibration.json, per_class.json   DVC plots (dvc.yaml `plots:`)
     plots/confusion.png, calibration.png, per_class.png      the same, viewable offline and in the report page
+
+calibration.json and the bars of calibration.png are the reliability diagram of the classifier's probabilities as
+exported (after temperature scaling when head.calibration applied it); calibration.png also draws the
+probabilities before it, and its title gives the ECE before and after.
 """
 from __future__ import annotations
 
@@ -39,8 +43,11 @@ def _save_png(figure: Any, path: Path) -> None:
 
 
 def write_plots(plots_dir: Path, *, y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str],
-                ece_bins: int, title: str, split: str = "val") -> None:
-    """Held-out plots for DVC (confusion.json, calibration.json, per_class.json) and as PNGs (matplotlib Agg)."""
+                ece_bins: int, title: str, split: str = "val", proba_uncalibrated: np.ndarray | None = None,
+                temperature: float = 1.0) -> None:
+    """Held-out plots for DVC (confusion.json, calibration.json, per_class.json) and as PNGs (matplotlib Agg).
+    proba [N, K]: the classifier's probabilities; proba_uncalibrated: the same before temperature scaling by
+    `temperature` (None: not calibrated)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +75,23 @@ def write_plots(plots_dir: Path, *, y_true: np.ndarray, proba: np.ndarray, class
     _save_png(figure, plots_dir / "confusion.png")
     plt.close(figure)
 
+    _reliability_png(plots_dir / "calibration.png", bins, y_true=y_true, proba=proba, ece_bins=ece_bins,
+                     title=f"{title}: held-out {split} calibration", proba_uncalibrated=proba_uncalibrated,
+                     temperature=temperature)
+
+    figure, axes = plt.subplots(figsize=(6, max(2.0, 0.35 * len(classes) + 1)))
+    axes.barh([p["class"] for p in per_class], [p["accuracy"] for p in per_class], color="tab:blue")
+    axes.set(xlim=(0, 1), xlabel="accuracy (recall)", title=f"{title}: held-out {split} accuracy per class")
+    axes.invert_yaxis()
+    _save_png(figure, plots_dir / "per_class.png")
+    plt.close(figure)
+
+
+def _reliability_png(path: Path, bins: list[dict[str, Any]], *, y_true: np.ndarray, proba: np.ndarray,
+                     ece_bins: int, title: str, proba_uncalibrated: np.ndarray | None, temperature: float) -> None:
+    """calibration.png: `bins` (of proba) as bars and a curve, the uncalibrated curve beside it when given."""
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(figsize=(4.5, 4.5))
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
     if bins:
@@ -79,17 +103,16 @@ def write_plots(plots_dir: Path, *, y_true: np.ndarray, proba: np.ndarray, class
             axes.annotate(str(b["count"]), (b["lower"] + 0.5 / ece_bins, b["accuracy"]), ha="center",
                           va="bottom", fontsize="x-small")
     ece = expected_calibration_error(proba, y_true, n_bins=ece_bins)
+    caption = f"ECE {ece:.3f}"
+    if proba_uncalibrated is not None:
+        before = calibration_bins(proba_uncalibrated.max(1), proba_uncalibrated.argmax(1) == y_true, n_bins=ece_bins)
+        axes.plot([b["confidence"] for b in before], [b["accuracy"] for b in before], marker="x", linestyle=":",
+                  color="tab:red", label="before temperature scaling")
+        caption = (f"ECE {expected_calibration_error(proba_uncalibrated, y_true, n_bins=ece_bins):.3f} -> "
+                   f"{ece:.3f} (T = {temperature:.3g})")
     axes.set(xlim=(0, 1), ylim=(0, 1.1), xlabel="confidence (top-class probability); numbers: images per bin",
-             ylabel="accuracy",
-             title=f"{title}: held-out {split} calibration, ECE {ece:.3f}")
+             ylabel="accuracy", title=f"{title}, {caption}")
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="x-small", frameon=False)
-    _save_png(figure, plots_dir / "calibration.png")
-    plt.close(figure)
-
-    figure, axes = plt.subplots(figsize=(6, max(2.0, 0.35 * len(classes) + 1)))
-    axes.barh([p["class"] for p in per_class], [p["accuracy"] for p in per_class], color="tab:blue")
-    axes.set(xlim=(0, 1), xlabel="accuracy (recall)", title=f"{title}: held-out {split} accuracy per class")
-    axes.invert_yaxis()
-    _save_png(figure, plots_dir / "per_class.png")
+    _save_png(figure, path)
     plt.close(figure)
 

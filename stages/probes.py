@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.class_weight import compute_class_weight
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -42,6 +43,8 @@ class ProbeError(ValueError):
 
 
 KINDS = ("logreg", "linear_svm", "svm_rbf", "softmax")
+LOGIT_KINDS = ("logreg", "softmax")  # kinds whose probabilities are softmax(logits): temperature scaling applies
+BALANCED_RATIO = 1.05  # largest / smallest class count up to which "balanced" class weights are all about 1
 LOGREG_TOL = 1e-5  # lbfgs gradient tolerance on the mean loss; 1e-4 lets warm starts stop at once
 CALIBRATION_FOLDS = 5
 LOGIT_BLOCK_ROWS = 8192  # rows per float64 block when computing logits
@@ -52,9 +55,11 @@ STATS_CHUNK_ROWS = 16384  # rows per slice when ChunkedStandardScaler accumulate
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Multinomial logistic regression as a torch nn.Linear, trained full batch with L-BFGS.
 
-    Minimizes mean cross-entropy + |W|^2 / (2 C n) (scikit-learn's LogisticRegression objective divided by
-    C n; the bias is not penalized) in float32, on CUDA when present (`device="auto"`), else the CPU's torch
-    threads. Zero-initialized, or warm-started from the previous fit when `warm_start` (the C sweep), so the
+    Minimizes (sum_i w_i CE_i + |W|^2 / (2 C)) / n, the mean cross-entropy plus the L2 penalty (scikit-learn's
+    LogisticRegression objective with sample weights w, divided by C n; the bias is not penalized), in float32, on
+    CUDA when present (`device="auto"`), else the CPU's torch threads. w_i = 1, or with `class_weight="balanced"`
+    n / (K n_c) for a row of class c (scikit-learn's formula; the weights still sum to n), times `fit`'s
+    `sample_weight`. Zero-initialized, or warm-started from the previous fit when `warm_start` (the C sweep), so the
     result is deterministic. Features X [N, D] float32 (not copied on the CPU), standardized by the caller; any other
     X (float16 as stored, or a lazily read array that slices by rows) is fitted full batch too, its loss and gradient
     summed over FIT_CHUNK_ROWS-row chunks converted to float32 one at a time (memory: one chunk, not a float32 copy).
@@ -66,22 +71,33 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, C: float = 1.0, *, max_iter: int = 2000, tol: float = LOGREG_TOL,
-                 warm_start: bool = False, device: str = "auto") -> None:
+                 warm_start: bool = False, device: str = "auto", class_weight: str | None = None) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.warm_start = warm_start
         self.device = device
+        self.class_weight = class_weight
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearProbe:
+    def row_weights(self, targets: np.ndarray, sample_weight: np.ndarray | None) -> np.ndarray | None:
+        """Weights [N] of the rows' losses (class index targets [N]): `class_weight` "balanced" gives class c
+        n / (K n_c) (scikit-learn's formula, so they sum to n), times `sample_weight`; None when all are 1."""
+        if self.class_weight in (None, "none") and sample_weight is None:
+            return None
+        if self.class_weight not in (None, "none", "balanced"):
+            raise ValueError(f"LinearProbe class_weight must be None, 'none' or 'balanced'; got {self.class_weight!r}")
+        weights = np.ones(len(targets))
+        if self.class_weight == "balanced":
+            weights = compute_class_weight("balanced", classes=np.arange(len(self.classes_)), y=targets)[targets]
+        if sample_weight is not None:
+            weights = weights * np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+        return weights
+
+    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> LinearProbe:
         self.classes_, targets = np.unique(np.asarray(y), return_inverse=True)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto"
                               else self.device)
-        whole = isinstance(X, np.ndarray) and X.dtype == np.float32  # as_tensor shares it on the CPU: no copy
-        chunk_rows = len(X) if whole else FIT_CHUNK_ROWS
-        chunks = [(start, min(len(X), start + chunk_rows)) for start in range(0, len(X), max(1, chunk_rows))]
-        features = torch.as_tensor(X, device=device) if whole else None
-        target = torch.as_tensor(targets, device=device)
+        weights = self.row_weights(targets, sample_weight)
         layer = nn.Linear(X.shape[1], len(self.classes_), device=device)
         with torch.no_grad():
             previous = getattr(self, "coef_", None)
@@ -91,27 +107,11 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             else:
                 layer.weight.zero_()
                 layer.bias.zero_()
-        penalty = 1.0 / (2.0 * self.C * len(X))
         optimizer = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
                                       tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            if features is not None:
-                loss = nn.functional.cross_entropy(layer(features), target) + penalty * layer.weight.square().sum()
-                loss.backward()
-                return loss
-            # chunked: the same mean loss and gradient, summed over row chunks converted to float32 one at a time
-            total = penalty * layer.weight.square().sum()
-            total.backward()
-            total = total.detach()
-            for start, stop in chunks:
-                block = torch.as_tensor(np.asarray(X[start:stop], dtype=np.float32), device=device)
-                loss = nn.functional.cross_entropy(layer(block), target[start:stop], reduction="sum") / len(X)
-                loss.backward()
-                total = total + loss.detach()
-            return total
-
+        closure = self._closure(optimizer, layer, X, torch.as_tensor(targets, device=device),
+                                None if weights is None else torch.as_tensor(weights, dtype=torch.float32,
+                                                                             device=device))
         threads = torch.get_num_threads()
         try:  # one CPU thread: see the class docstring
             if device.type == "cpu":
@@ -129,6 +129,40 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.coef_ = layer.weight.detach().cpu().double().numpy()
         self.intercept_ = layer.bias.detach().cpu().double().numpy()
         return self
+
+    def _closure(self, optimizer: torch.optim.Optimizer, layer: nn.Linear, X: np.ndarray, target: torch.Tensor,
+                 weights: torch.Tensor | None) -> Any:
+        """L-BFGS's closure: the loss (sum of weighted row cross-entropies + |W|^2 / (2 C)) / n and its gradient.
+        Float32 X is used whole (no copy on the CPU); any other X chunk by chunk (FIT_CHUNK_ROWS rows at a time,
+        converted to float32), the chunks' losses and gradients summed: the same objective."""
+        device, n = target.device, len(X)
+        whole = isinstance(X, np.ndarray) and X.dtype == np.float32  # as_tensor shares it on the CPU: no copy
+        features = torch.as_tensor(X, device=device) if whole else None
+        chunk_rows = n if whole else FIT_CHUNK_ROWS
+        chunks = [(start, min(n, start + chunk_rows)) for start in range(0, n, max(1, chunk_rows))]
+        penalty = 1.0 / (2.0 * self.C * n)
+
+        def data_loss(block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            per_row = nn.functional.cross_entropy(layer(block), target[start:stop], reduction="none")
+            return (per_row if weights is None else per_row * weights[start:stop]).sum() / n
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            total = penalty * layer.weight.square().sum()
+            if features is not None:
+                total = total + data_loss(features, 0, n)
+                total.backward()
+                return total
+            total.backward()
+            total = total.detach()
+            for start, stop in chunks:
+                block = torch.as_tensor(np.asarray(X[start:stop], dtype=np.float32), device=device)
+                loss = data_loss(block, start, stop)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        return closure
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Logits [N, K] (float64), computed in row blocks so no float64 copy of X is ever whole."""
@@ -159,14 +193,17 @@ class ChunkedStandardScaler(StandardScaler):
         return self
 
 
-def make_head(kind: str, *, C: float, max_iter: int, seed: int, calibration_folds: int = CALIBRATION_FOLDS) -> Any:
-    """An unfitted scikit-learn classifier with `predict_proba` for `head.kind` (features standardized)."""
-    if kind in ("logreg", "softmax"):
-        return LinearProbe(C, max_iter=max_iter, warm_start=True)
+def make_head(kind: str, *, C: float, max_iter: int, seed: int, calibration_folds: int = CALIBRATION_FOLDS,
+              class_weight: str = "none") -> Any:
+    """An unfitted scikit-learn classifier with `predict_proba` for `head.kind` (features standardized);
+    class_weight "none" or "balanced" (head.class_weight) weighs its training loss."""
+    weight = None if class_weight == "none" else class_weight
+    if kind in LOGIT_KINDS:
+        return LinearProbe(C, max_iter=max_iter, warm_start=True, class_weight=weight)
     if kind == "linear_svm":
-        base: Any = LinearSVC(C=C, max_iter=max_iter, random_state=seed)
+        base: Any = LinearSVC(C=C, max_iter=max_iter, random_state=seed, class_weight=weight)
     elif kind == "svm_rbf":
-        base = SVC(kernel="rbf", C=C, gamma="scale", random_state=seed)
+        base = SVC(kernel="rbf", C=C, gamma="scale", random_state=seed, class_weight=weight)
     else:
         raise ParamError(f"head.kind must be one of {', '.join(KINDS)}; got {kind!r}. Edit params.yaml.")
     folds = StratifiedKFold(n_splits=calibration_folds, shuffle=True, random_state=seed)
@@ -196,24 +233,30 @@ def fit_recording(estimator: Any, X: np.ndarray, y: np.ndarray) -> list[str]:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One setting the protocol may choose: head kind, feature set (layers concatenated), normalization, C."""
+    """One setting the protocol may choose: head kind, feature set (layers concatenated), normalization, C,
+    class weight ("none" or "balanced")."""
     kind: str
     layers: tuple[str, ...]
     normalization: str
     C: float
+    class_weight: str = "none"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layers": list(self.layers), "normalization": self.normalization, "C": self.C}
+        return {"kind": self.kind, "layers": list(self.layers), "normalization": self.normalization, "C": self.C,
+                "class_weight": self.class_weight}
 
 
 @dataclass(frozen=True)
 class Score:
-    """A candidate's selection score: accuracy and mean log loss over the selection folds' scored rows."""
+    """A candidate's selection score: accuracy and mean log loss over the selection folds' scored rows.
+    `out_of_fold`: (dataset rows [S], their logits [S, K] float32 from the fits that did not see them), kept by the
+    selection for its best logit-producing candidate only (temperature scaling); None otherwise."""
     candidate: Candidate
     accuracy: float
     log_loss: float
     seconds: float
     warnings: tuple[str, ...] = ()
+    out_of_fold: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.candidate.as_dict(), "accuracy": round(self.accuracy, 6), "log_loss": round(self.log_loss, 6),
@@ -229,17 +272,22 @@ class Probe:
     train_seconds: float
     warnings: list[str] = field(default_factory=list)
     block_dims: tuple[int, ...] = ()  # feature columns of each layer in candidate.layers
+    temperature: float = 1.0  # logit kinds: probabilities softmax(logits / temperature) (stages/calibration.py)
 
     @property
     def probabilities(self) -> str:
-        """How predict_proba is made: "softmax" or the Platt calibration used."""
-        return ("softmax" if self.candidate.kind in ("logreg", "softmax") else
-                "Platt sigmoid: CalibratedClassifierCV(stratified k-fold, ensemble=False)")
+        """How predict_proba is made: softmax (with the temperature) or the Platt calibration used."""
+        if self.candidate.kind in LOGIT_KINDS:
+            return "softmax" if self.temperature == 1.0 else f"softmax(logits / T), T = {self.temperature:.6g}"
+        return "Platt sigmoid: CalibratedClassifierCV(stratified k-fold, ensemble=False)"
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """features [N, D]: the candidate's layers concatenated, as stored (normalized here)."""
         blocks = np.split(np.asarray(features), np.cumsum(self.block_dims)[:-1], axis=1)
-        return self.model.predict_proba(normalize_blocks(blocks, self.candidate.normalization))
+        x = normalize_blocks(blocks, self.candidate.normalization)
+        if self.candidate.kind in LOGIT_KINDS and self.temperature != 1.0:
+            return np_softmax(self.model.decision_function(x) / self.temperature, axis=1)
+        return self.model.predict_proba(x)
 
 
 def choose(scores: Sequence[Score]) -> Score:
@@ -258,28 +306,50 @@ def calibration_folds(y: np.ndarray, kind: str) -> int:
     return max(2, min(CALIBRATION_FOLDS, smallest))
 
 
-def probe_pipeline(kind: str, normalization: str, *, C: float, max_iter: int, seed: int, y: np.ndarray) -> Pipeline:
+def probe_pipeline(kind: str, normalization: str, *, C: float, max_iter: int, seed: int, y: np.ndarray,
+                   class_weight: str = "none") -> Pipeline:
     steps = [ChunkedStandardScaler()] if "standardize" in normalization else []
-    return make_pipeline(*steps, make_head(kind, C=C, max_iter=max_iter, seed=seed,
+    return make_pipeline(*steps, make_head(kind, C=C, max_iter=max_iter, seed=seed, class_weight=class_weight,
                                            calibration_folds=calibration_folds(y, kind)))
 
 
+def class_weight_candidates(y: np.ndarray, requested: Sequence[str], *, n_classes: int
+                            ) -> tuple[list[str], dict[str, Any]]:
+    """The class weights worth scoring for selection labels y [M]: `requested` (head.class_weight), less
+    "balanced" when "none" is also requested and the classes are balanced (largest count at most BALANCED_RATIO x
+    the smallest: every balanced weight is within 2.5% of 1, the same fit at twice the cost). Returns (the
+    weights to score, metrics.json's record {"requested", "scored", "class_counts", "reason"})."""
+    counts = np.bincount(np.asarray(y), minlength=n_classes)
+    smallest, largest = int(counts.min()), int(counts.max())
+    scored, reason = list(requested), "every requested class weight is scored"
+    if "balanced" in scored and "none" in scored and largest <= BALANCED_RATIO * smallest:
+        scored.remove("balanced")
+        reason = (f"balanced skipped: the selection images' classes are balanced ({smallest} to {largest} per "
+                  f"class, ratio <= {BALANCED_RATIO}), so its weights would all be about 1")
+    return scored, {"requested": list(requested), "scored": scored,
+                    "class_counts": {"min": smallest, "max": largest}, "reason": reason}
+
+
 def sweep_C(x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, y_score: np.ndarray, *, kind: str,
-            normalization: str, Cs: Sequence[float], max_iter: int, seed: int, n_classes: int
-            ) -> list[tuple[float, float, float, list[str]]]:
+            normalization: str, Cs: Sequence[float], max_iter: int, seed: int, n_classes: int,
+            class_weight: str = "none") -> list[tuple[float, float, float, list[str], np.ndarray | None]]:
     """Fit every C (ascending; logreg and softmax warm-start from the previous C) on x_fit [M, D] and score
-    x_score [S, D]: [(C, correct count, summed log loss, convergence warnings)]. x_* already normalized."""
+    x_score [S, D]: [(C, correct count, summed log loss, convergence warnings, logits [S, K] float32 of the logit
+    kinds, else None)]. x_* already normalized."""
     labels = np.arange(n_classes)
     results, pipeline = [], None
     for C in sorted(set(float(c) for c in Cs)):
         if pipeline is None or not getattr(pipeline[-1], "warm_start", False):
-            pipeline = probe_pipeline(kind, normalization, C=C, max_iter=max_iter, seed=seed, y=y_fit)
+            pipeline = probe_pipeline(kind, normalization, C=C, max_iter=max_iter, seed=seed, y=y_fit,
+                                      class_weight=class_weight)
         else:
             pipeline[-1].set_params(C=C)
         messages = fit_recording(pipeline, x_fit, y_fit)
-        proba = pipeline.predict_proba(x_score)
+        logits = pipeline.decision_function(x_score) if kind in LOGIT_KINDS else None
+        proba = np_softmax(logits, axis=1) if logits is not None else pipeline.predict_proba(x_score)
         results.append((C, float(np.sum(proba.argmax(1) == y_score)),
-                        float(log_loss(y_score, proba, labels=labels, normalize=False)), messages))
+                        float(log_loss(y_score, proba, labels=labels, normalize=False)), messages,
+                        None if logits is None else logits.astype(np.float32)))
     return results
 
 
@@ -298,15 +368,17 @@ def export_head(probe: Probe) -> dict[str, Any]:
     steps, estimator = probe.model[:-1], probe.model[-1]
     scaler = steps[0] if len(steps) else None
     candidate = probe.candidate
-    spec: dict[str, Any] = {"kind": candidate.kind, "C": candidate.C, "normalization": candidate.normalization}
+    spec: dict[str, Any] = {"kind": candidate.kind, "C": candidate.C, "normalization": candidate.normalization,
+                            "class_weight": candidate.class_weight}
     if "l2" in candidate.normalization:
         spec["l2_blocks"] = [int(d) for d in probe.block_dims]
-    if candidate.kind in ("logreg", "softmax"):
+    if candidate.kind in LOGIT_KINDS:
         weight, bias = estimator.coef_, np.atleast_1d(estimator.intercept_)
         if weight.shape[0] == 1:  # binary logreg: p1 = sigmoid(z) = softmax([0, z])[1]
             weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
         weight, bias = _fold_scaler(weight, bias, scaler)
-        spec.update(type="linear", output="softmax", weight=torch.from_numpy(weight), bias=torch.from_numpy(bias))
+        spec.update(type="linear", output="softmax", weight=torch.from_numpy(weight), bias=torch.from_numpy(bias),
+                    temperature=float(probe.temperature))
         return spec
     calibrated = estimator.calibrated_classifiers_[0]
     svm = calibrated.estimator

@@ -39,7 +39,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.images import load_rgb
 from stages.io import atomic_path, read_json, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -154,7 +153,10 @@ def file_uri(path: Path, mime: str = "image/png") -> str | None:
 
 def make_thumbnail(image_path: Path, *, size: int = THUMB_SIZE, quality: int = THUMB_QUALITY) -> bytes:
     """JPEG bytes of the image shrunk to at most `size` px a side, decoded by the project's one rule
-    (stages.images.load_rgb: EXIF orientation, 16-bit, CMYK, alpha over white)."""
+    (stages.images.load_rgb: EXIF orientation, 16-bit, CMYK, alpha over white). Imported here: stages.images
+    imports torch (seconds), which the rest of the report never needs."""
+    from stages.images import load_rgb
+
     image, _ = load_rgb(image_path, draft_size=2 * size)  # JPEG: decoded at a reduced scale, much faster
     image.thumbnail((size, size))
     buffer = io.BytesIO()
@@ -214,7 +216,8 @@ def render_table(summary: Mapping[str, Any]) -> str:
     """The comparison: one <tr data-row=name> per summary row; numeric cells carry their exact value in data-value
     (what the sorter and the browser test read)."""
     best = summary["best"]
-    header = ["Row", "Kind", "Held-out accuracy [95% CI]", "Mean-class acc", "ECE", "Choice", "s / 1000 images",
+    header = ["Row", "Kind", "Held-out accuracy [95% CI]", "Mean-class acc", "ECE (→ calibrated)", "Choice",
+              "s / 1000 images",
               "Images / s", "vs best (McNemar p)"]
     lines = ['<table id="comparison-table" class="sortable"><thead><tr>'
              + "".join(f'<th scope="col" data-col="{i}" tabindex="0">{e(h)}</th>' for i, h in enumerate(header))
@@ -233,7 +236,8 @@ def render_table(summary: Mapping[str, Any]) -> str:
         cells = [_cell(f"{e(name)}{mark}", name, "text"), _cell(e(row.get("kind", "-")), row.get("kind"), "text"),
                  _cell(f"{num(accuracy)}{interval}", accuracy),
                  _cell(num(row.get("mean_class_accuracy")), row.get("mean_class_accuracy")),
-                 _cell(num(row.get("ece")), row.get("ece")), _cell(e(_choice(row)), _choice(row), "text"),
+                 _cell(num(row.get("ece")) + (f" → {num(row['ece_calibrated'])}" if "ece_calibrated" in row else ""),
+                       row.get("ece")), _cell(e(_choice(row)), _choice(row), "text"),
                  _cell(num(extract.get("seconds_per_1000_images"), 1), extract.get("seconds_per_1000_images")),
                  _cell(num(extract.get("images_per_second"), 1), extract.get("images_per_second")),
                  _cell(vs_best, -1.0 if name == best else p_value)]
@@ -244,7 +248,8 @@ def render_table(summary: Mapping[str, Any]) -> str:
 
 def _choice(row: Mapping[str, Any]) -> str:
     parts = [row.get("head"), f"C={row['C']:g}" if isinstance(row.get("C"), (int, float)) else None,
-             f"k={row['k']}" if "k" in row else None, row.get("regime"), row.get("layers"), row.get("normalization")]
+             f"k={row['k']}" if "k" in row else None, row.get("regime"), row.get("layers"), row.get("normalization"),
+             "balanced class weights" if row.get("class_weight") == "balanced" else None]
     return ", ".join(str(p) for p in parts if p) or "-"
 
 

@@ -48,7 +48,7 @@ def _choice(row: Mapping[str, Any]) -> str:
         parts = [row.get("regime"), f"epoch {epoch}" if epoch is not None else None]
     else:
         parts = [row.get("head"), f"C={row['C']:g}" if "C" in row else None, row.get("layers"),
-                 row.get("normalization")]
+                 row.get("normalization"), "balanced class weights" if row.get("class_weight") == "balanced" else None]
     return ", ".join(str(p) for p in parts if p) or "-"
 
 
@@ -101,7 +101,7 @@ def _header(summary: Mapping[str, Any]) -> list[str]:
                        "happen: re-run the stages of the older rows (`dvc repro`).")
     probes = {row["backbone"]: describe_selection(row.get("selection"))
               for row in rows.values() if row["kind"] == "probe"}
-    what = "Each probe's head, C, layers and normalization, and the k of k-NN, were chosen"
+    what = "Each probe's head, C, class weight, layers and normalization, and the k of k-NN, were chosen"
     if len(set(probes.values())) == 1:
         lines.append(f"{what} {next(iter(probes.values()))}.")
     elif probes:
@@ -118,8 +118,17 @@ def _header(summary: Mapping[str, Any]) -> list[str]:
                   f"\"vs best\" is the p-value of McNemar's exact test against it on the same held-out images; rows "
                   f"marked ≈ are not distinguishable from the best (p ≥ {summary['alpha']}, alpha "
                   f"{summary['alpha']}); n/a: no per-image predictions to test. Picking the best on the held-out "
-                  f"split describes the results; it chose nothing reported here.", ""]
+                  f"split describes the results; it chose nothing reported here."
+                  + (" ECE a → b: before → after the probe's temperature scaling (head.calibration; the exported "
+                     "classifier outputs the calibrated probabilities)."
+                     if any("ece_calibrated" in row for row in rows.values()) else ""), ""]
     return lines
+
+
+def ece_cell(row: Mapping[str, Any]) -> str:
+    """The row's held-out ECE, and "-> after" where the head's temperature scaling calibrated its probabilities."""
+    after = row.get("ece_calibrated")
+    return _fmt(row.get("ece")) + (f" → {_fmt(after)}" if after is not None else "")
 
 
 def render_table(summary: Mapping[str, Any]) -> list[str]:
@@ -132,7 +141,7 @@ def render_table(summary: Mapping[str, Any]) -> list[str]:
     for name, row in rows.items():
         extract, weights = row.get("extract") or {}, row.get("weights") or {}
         cells = [f"**{name}**" if name == best else name, row["kind"], format_accuracy(row["heldout"]),
-                 _fmt(row.get("mean_class_accuracy")), _fmt(row.get("ece")), _choice(row), _selection_cell(row),
+                 _fmt(row.get("mean_class_accuracy")), ece_cell(row), _choice(row), _selection_cell(row),
                  _fmt(extract.get("seconds_per_1000_images"), 1), _fmt(row.get("feature_dim")),
                  f"`{weights['sha256']}` {weights['verification']}" if weights else "-",
                  _vs_best_cell(name, row, best, testable)]

@@ -23,7 +23,8 @@ from stages.params import PRIMARY_METRICS
 PRIMARY_KEYS = {"heldout.accuracy": "heldout.accuracy", "heldout.mean_class_accuracy": "mean_class_accuracy",
                 "heldout.macro_f1": "macro_f1"}
 assert set(PRIMARY_KEYS) == set(PRIMARY_METRICS)
-ROW_METRICS = ("mean_class_accuracy", "macro_f1", "ece", "log_loss")  # held-out, beside "heldout"
+ROW_METRICS = ("mean_class_accuracy", "macro_f1", "ece", "log_loss",  # held-out, beside "heldout"
+               "ece_calibrated", "log_loss_calibrated")  # the head's probe after temperature scaling, when applied
 INTERVAL_KEYS = ("accuracy_ci_low", "accuracy_ci_high")
 # Required keys of each per-backbone report, by file name: (stage prefix, dotted keys).
 REQUIRED = {
@@ -261,6 +262,8 @@ def backbone_rows(reports: BackboneReports, notes: list[str]) -> list[Row]:
     rows = [make(bb, "probe", metrics["heldout"],
                  {"head": metrics.get("head"), "C": metrics.get("C") if is_number(metrics.get("C")) else None,
                   "layers": chosen_layers, "normalization": metrics.get("normalization"),
+                  "class_weight": metrics.get("class_weight"),
+                  "temperature": get_dotted(metrics, "calibration.temperature"),
                   "train_seconds": metrics.get("train_seconds") if is_number(metrics.get("train_seconds")) else None},
                  _selection(metrics.get("selection")), metrics["feature_dim"], "probe")]
     knn = metrics.get("knn")
@@ -278,7 +281,8 @@ def backbone_rows(reports: BackboneReports, notes: list[str]) -> list[Row]:
             rows.append(make(f"{bb} @{layers}", "layers (chosen)" if layers == chosen_layers else "layers",
                              entry["heldout"],
                              {"head": head, "C": entry.get("C") if is_number(entry.get("C")) else None,
-                              "layers": layers, "normalization": entry.get("normalization")},
+                              "layers": layers, "normalization": entry.get("normalization"),
+                              "class_weight": entry.get("class_weight")},
                              _own_selection(metrics.get("selection"), entry), entry.get("feature_dim"),
                              f"layers={layers}"))
     return rows

@@ -37,7 +37,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The head stage on a tiny project: logreg on pool + blocks.3 with per-layer L2 (l2_blocks [256, 48])."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    project = make_project(tmp_path_factory.mktemp("export"), head={
+    project = make_project(tmp_path_factory.mktemp("export"), mislabeled=1, head={
         "kind": ["logreg"], "C": [1.0], "feature_sets": [["pool", "blocks.3"]], "normalization": ["l2+standardize"]})
     write_features(project)
     assert run_stage(project) == 0
@@ -130,10 +130,12 @@ def test_onnx_matches_torch_for_every_head_type(case: str, stage: dict, tmp_path
 def test_metadata_carries_what_running_the_model_needs(stage: dict) -> None:
     export = ex.load_export(stage["model"])
     metadata = {p.key: p.value for p in onnx.load(str(stage["onnx"])).metadata_props}
-    assert metadata == {"format_version": "2", "backbone": "tiny", "classes": json.dumps(["ants", "bees"]),
+    assert metadata == {"format_version": "3", "backbone": "tiny", "classes": json.dumps(["ants", "bees"]),
                         "preprocess": json.dumps(export["backbone"]["preprocess"]),
                         "layers": json.dumps(["pool", "blocks.3"]), "tta": json.dumps(["none"]),
-                        "precision": "float32", "head": "linear/softmax"}
+                        "precision": "float32", "head": "linear/softmax",
+                        "temperature": repr(export["head"]["temperature"])}
+    assert export["head"]["temperature"] != 1.0  # the head stage calibrated it
     model = exo.load_onnx(stage["onnx"])
     torch_model = ex.classifier_from_export(export)
     assert (model.name, model.classes, model.preprocess) == ("tiny", torch_model.classes, torch_model.preprocess)
@@ -200,3 +202,44 @@ def test_a_disagreeing_onnx_model_is_refused_and_not_written(stage: dict, tmp_pa
     # neither the model nor a temporary file: only the backbone graph cache (complete files, kept for the next run)
     assert [p.name for p in tmp_path.iterdir()] == [".graphs"]
     assert {p.suffix for p in (tmp_path / ".graphs").iterdir()} == {".onnx", ".json"}
+
+
+def test_the_temperature_travels_in_both_files_and_predict_applies_it_in_every_engine(
+        stage: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A softmax head with temperature T: classifier.pt (torch), classifier.onnx (ONNX Runtime) and predict with
+    either engine give softmax(logits / T); a format 2 export, which has no temperature, computes T = 1."""
+    placeholder = {"type": "linear", "weight": torch.zeros(3, 1), "bias": torch.zeros(3)}
+    embedding = ex.classifier_from_export(tiny_export(placeholder, layers=["pool"], tta=["none"]))
+    folder = stage["raw"] / "val"
+    paths = sorted(str(p.relative_to(stage["raw"])) for p in folder.rglob("*.jpg"))
+    images = exo.read_sample_images(stage["raw"], paths, embedding.preprocess)
+    with torch.inference_mode():
+        features = embedding.embed(images)
+    head = head_for("linear", features)
+    logits = torch.nn.functional.linear(features.double(), head["weight"], head["bias"])
+    temperature = 2.5
+    expected = torch.softmax(logits / temperature, dim=1).numpy()
+    export = tiny_export({**head, "temperature": temperature}, layers=["pool"], tta=["none"])
+    with torch.inference_mode():
+        np.testing.assert_allclose(ex.classifier_from_export(export)(images).numpy(), expected, rtol=0, atol=1e-12)
+        older = ex.classifier_from_export({**export, "format_version": 2, "head": head})  # no "temperature"
+        np.testing.assert_allclose(older(images).numpy(), torch.softmax(logits, dim=1).numpy(), rtol=0, atol=1e-12)
+    assert np.abs(expected - torch.softmax(logits, dim=1).numpy()).max() > 0.01  # T makes a visible difference
+    model = tmp_path / "models" / "tiny" / "classifier.pt"
+    model.parent.mkdir(parents=True)
+    ex.save_export(model, export)
+    exo.save_onnx(model.with_suffix(".onnx"), export, images=images)
+    np.testing.assert_allclose(exo.load_onnx(model)(images).numpy(), expected, rtol=0, atol=1e-6)
+    for engine in ("torch", "onnxruntime"):
+        assert predict.main([str(folder), "--model", str(model), "--engine", engine, "--json", "--topk", "3"]) == 0
+        predictions = json.loads(capsys.readouterr().out)["predictions"]
+        got = np.array([[next(t["probability"] for t in p["topk"] if t["class"] == name) for name in CLASSES]
+                        for p in predictions])
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=engine)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_a_temperature_that_is_not_positive_is_refused(temperature: float) -> None:
+    head = {"type": "linear", "weight": torch.zeros(3, 4), "bias": torch.zeros(3), "temperature": temperature}
+    with pytest.raises(ex.ExportError, match="head temperature must be a positive finite number"):
+        ex.build_head(head)

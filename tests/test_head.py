@@ -129,6 +129,77 @@ def test_linear_probe_fits_float16_rows_in_chunks_to_the_whole_batch_solution(mo
     np.testing.assert_allclose(chunked.predict_proba(x16), whole.predict_proba(x16), atol=1e-5)
 
 
+def imbalanced(counts: tuple[int, ...], dim: int, *, seed: int, shift: float = 1.0):
+    """Overlapping classes of `counts` rows each: N(shift * e_c, 1) features [n, dim] float32, labels [n]."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(counts)), counts)
+    return (rng.normal(0, 1, (len(y), dim)) + np.eye(len(counts), dim)[y] * shift).astype(np.float32), y
+
+
+def test_balanced_class_weights_match_sklearn_and_lift_the_small_classes_recall() -> None:
+    """class_weight="balanced" weighs class c by n / (K n_c) in the loss, as scikit-learn does: the same
+    coefficients as LogisticRegression(class_weight="balanced"), and the small classes are found more often."""
+    x, y = imbalanced((60, 12, 6), 6, seed=3)
+    x = StandardScaler().fit_transform(x).astype(np.float32)
+    plain = probes.LinearProbe(0.5).fit(x, y)
+    balanced = probes.LinearProbe(0.5, class_weight="balanced").fit(x, y)
+    reference = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000, class_weight="balanced").fit(x, y)
+    np.testing.assert_allclose(balanced.coef_, reference.coef_, atol=1e-3)
+    np.testing.assert_allclose(balanced.intercept_, reference.intercept_, atol=1e-3)
+    np.testing.assert_allclose(balanced.predict_proba(x), reference.predict_proba(x), atol=1e-3)
+    assert np.abs(balanced.coef_ - plain.coef_).max() > 0.1  # the weights changed the fit
+    recall = {name: [np.mean(m.predict(x)[y == c] == c) for c in range(3)] for name, m in
+              (("plain", plain), ("balanced", balanced))}
+    assert recall["balanced"][2] > recall["plain"][2] and recall["balanced"][1] > recall["plain"][1]
+    weights = np.where(y == 2, 3.0, 1.0)  # per-row sample weights, as scikit-learn's fit(sample_weight=)
+    np.testing.assert_allclose(probes.LinearProbe(0.5).fit(x, y, sample_weight=weights).coef_,
+                               LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit(
+                                   x, y, sample_weight=weights).coef_, atol=1e-3)
+
+
+def test_class_weights_apply_to_the_chunked_fit_of_float16_rows(monkeypatch) -> None:
+    x, y = imbalanced((50, 10, 5), 6, seed=4)
+    x16 = StandardScaler().fit_transform(x).astype(np.float16)
+    whole = probes.LinearProbe(0.5, class_weight="balanced").fit(x16.astype(np.float32), y)
+    monkeypatch.setattr(probes, "FIT_CHUNK_ROWS", 8)  # 65 rows: 9 chunks, each with its rows' weights
+    chunked = probes.LinearProbe(0.5, class_weight="balanced").fit(x16, y)
+    np.testing.assert_allclose(chunked.coef_, whole.coef_, atol=1e-4)
+    assert np.abs(chunked.coef_ - probes.LinearProbe(0.5).fit(x16, y).coef_).max() > 0.1
+
+
+def imbalanced_dataset() -> tuple[hd.Dataset, list[str]]:
+    """3 overlapping classes of 90, 24 and 12 images; every third image of each class is held out (val)."""
+    x, y = imbalanced((90, 24, 12), 8, seed=5, shift=1.2)
+    split = np.array(["train", "train", "val"] * (len(y) // 3))
+    return hd.Dataset.from_arrays({"pool": x}, y, split), ["a", "b", "c"]
+
+
+def test_balanced_class_weight_is_a_candidate_where_the_classes_are_imbalanced() -> None:
+    params = HeadParams(C=(0.1, 1.0), feature_sets=(("pool",),), normalization=("standardize",), knn_k=(5,),
+                        few_shot=(1,), few_shot_draws=1)
+    dataset, classes = imbalanced_dataset()
+    result = hd.evaluate_protocol(dataset, classes, params, [("pool",)])
+    record = result["selection"]["class_weight"]
+    assert record["scored"] == ["none", "balanced"] and record["class_counts"] == {"min": 8, "max": 60}
+    assert [(c["class_weight"], c["C"]) for c in result["selection"]["candidates"]] == [
+        ("none", 0.1), ("none", 1.0), ("balanced", 0.1), ("balanced", 1.0)]
+    chosen = result["best"].candidate
+    assert record["chosen"] == chosen.class_weight == result["selection"]["chosen"]["class_weight"]
+    assert result["probe"].model[-1].class_weight == (None if chosen.class_weight == "none" else "balanced")
+    assert hd.export_head(result["probe"])["class_weight"] == chosen.class_weight
+    only_none = hd.evaluate_protocol(dataset, classes, dataclasses.replace(params, class_weight=("none",)),
+                                     [("pool",)])
+    assert {c["class_weight"] for c in only_none["selection"]["candidates"]} == {"none"}
+
+    balanced, _ = protocol_dataset()  # 20 train images per class: balanced weights would all be 1
+    skipped = hd.evaluate_protocol(balanced, classes, params, [("pool",)])["selection"]
+    assert skipped["class_weight"]["scored"] == ["none"] and "balanced skipped" in skipped["class_weight"]["reason"]
+    assert len(skipped["candidates"]) == 2
+    alone = hd.evaluate_protocol(balanced, classes, dataclasses.replace(params, class_weight=("balanced",)),
+                                 [("pool",)])["selection"]  # asked for alone: scored anyway
+    assert {c["class_weight"] for c in alone["candidates"]} == {"balanced"}
+
+
 def test_choose_takes_the_best_accuracy_then_the_lower_log_loss_then_params_order() -> None:
     def score(C: float, accuracy: float, loss: float) -> hd.Score:
         return hd.Score(hd.Candidate("logreg", ("pool",), "standardize", C), accuracy, loss, 0.0)
@@ -196,6 +267,7 @@ def test_poisoned_heldout_labels_change_no_choice() -> None:
     poisoned = hd.evaluate_protocol(dataclasses.replace(dataset, labels=labels), classes, params, feature_sets)
     assert clean["heldout_split"] == poisoned["heldout_split"] == "val"
     assert clean["selection"]["chosen"] == poisoned["selection"]["chosen"]
+    assert clean["probe"].temperature == poisoned["probe"].temperature != 1.0  # fitted on selection rows only
     def without_time(candidates: list[dict]) -> list[dict]:
         return [{k: v for k, v in c.items() if k != "seconds"} for c in candidates]
 
@@ -227,7 +299,9 @@ def test_more_selection_rows_than_the_limit_choose_on_a_stratified_subsample_and
     assert all(abs(s.accuracy * 30 - round(s.accuracy * 30)) < 1e-9 for s in result["scores"])  # 30 rows scored
     refit = hd.fit_candidate(dataset, hd.selection_rows(dataset.split), result["best"].candidate, max_iter=2000, seed=0)
     held = dataset.eval_set(("pool",), "none", dataset.rows("test"))
-    np.testing.assert_allclose(result["probe"].predict_proba(held), refit.predict_proba(held))  # refit on all 60
+    calibrated = dataclasses.replace(refit, temperature=result["probe"].temperature)  # T from the 30 that chose
+    assert result["calibration"]["fitted_on"]["images"] == 30 and result["probe"].temperature != 1.0
+    np.testing.assert_allclose(result["probe"].predict_proba(held), calibrated.predict_proba(held))  # refit on all 60
     everything = hd.evaluate_protocol(dataset, classes, dataclasses.replace(params, selection_max_rows=None), [("pool",)])
     assert everything["selection"]["rows"] == {"available": 60, "used": 60, "reduction": None}
 
@@ -327,10 +401,12 @@ def save_image(path: Path, label: int, seed: int) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_project(root: Path, *, n_train: int = 8, n_val: int = 4, n_test: int = 2,
+def make_project(root: Path, *, n_train: int = 8, n_val: int = 4, n_test: int = 2, mislabeled: int = 0,
                  head: dict | None = None) -> dict:
     """data/raw/<split>/<class>/*.jpg for classes ants (0) and bees (1), the manifest, tiny random weights
-    (timm test_efficientnet, 32x32 input) and a params.yaml declaring them as the custom backbone `tiny`."""
+    (timm test_efficientnet, 32x32 input) and a params.yaml declaring them as the custom backbone `tiny`.
+    mislabeled: the first this many train images of each class look like the other class (so that some
+    out-of-fold predictions are wrong and a temperature can be fitted)."""
     raw = root / "data" / "raw"
     classes = ["ants", "bees"]
     rows = []
@@ -338,7 +414,8 @@ def make_project(root: Path, *, n_train: int = 8, n_val: int = 4, n_test: int = 
         for label, name in enumerate(classes):
             for i in range(count):
                 rel = f"{split}/{name}/{name}{i:02d}.jpg"
-                rows.append([rel, name, label, split, save_image(raw / rel, label, len(rows)), 40, 48])
+                looks = 1 - label if split == "train" and i < mislabeled else label
+                rows.append([rel, name, label, split, save_image(raw / rel, looks, len(rows)), 40, 48])
     prepared = root / "data" / "prepared"
     prepared.mkdir(parents=True)
     with open(prepared / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
@@ -410,7 +487,7 @@ def run_stage(project: dict) -> int:
 
 @pytest.fixture
 def project(tmp_path: Path) -> dict:
-    project = make_project(tmp_path)
+    project = make_project(tmp_path, mislabeled=1)  # an error or two out of fold: the temperature is fitted
     write_features(project)
     return project
 
@@ -429,12 +506,17 @@ def test_stage_writes_metrics_predictions_errors_plots_and_an_export_that_predic
     assert (metrics["n_selection"], metrics["n_heldout"]) == (24, 4)  # train + val choose, test is held out
     selection = metrics["selection"]
     assert (selection["method"], selection["folds"], selection["split"]) == ("cv", 5, "train+val")
-    assert len(selection["candidates"]) == 2 * 2 * 2  # feature sets x normalizations x C
-    assert selection["chosen"] == {"kind": metrics["head"], "layers": metrics["layers"],
+    assert len(selection["candidates"]) == 2 * 2 * 2  # feature sets x normalizations x C; balanced classes:
+    assert selection["class_weight"]["scored"] == ["none"] and "balanced skipped" in selection["class_weight"]["reason"]
+    assert selection["chosen"] == {"kind": metrics["head"], "layers": metrics["layers"], "class_weight": "none",
                                    "normalization": metrics["normalization"], "C": metrics["C"]}
-    heldout = metrics["heldout"]
+    heldout, scaling = metrics["heldout"], metrics["calibration"]
     assert set(heldout) == {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "mean_class_accuracy",
-                            "macro_f1", "log_loss", "ece", "per_class", "n"}
+                            "macro_f1", "log_loss", "ece", "per_class", "n", "ece_calibrated", "log_loss_calibrated"}
+    assert scaling["method"] == "temperature" and scaling["fitted_on"]["images"] == 24
+    assert (heldout["ece"], heldout["ece_calibrated"]) == (scaling["heldout"]["ece_before"],
+                                                           scaling["heldout"]["ece_after"])
+    assert metrics["probabilities"] == f"softmax(logits / T), T = {scaling['temperature']:.6g}"
     assert heldout["n"] == 4 and heldout["accuracy_ci_low"] <= heldout["accuracy"] <= heldout["accuracy_ci_high"]
     assert metrics["features"]["manifest_sha256"] == hashlib.sha256(project["manifest"].read_bytes()).hexdigest()
     assert [s["layers"] for s in metrics["feature_sets"]] == [["pool"], ["pool", "blocks.3"]]
@@ -465,7 +547,8 @@ def test_stage_writes_metrics_predictions_errors_plots_and_an_export_that_predic
     assert [(e["path"], e["true"], e["predicted"]) for e in errors] == wrong
 
     export = torch.load(project["root"] / "models" / "tiny" / "classifier.pt", weights_only=True)
-    assert export["format_version"] == 2 and export["classes"] == ["ants", "bees"]
+    assert export["format_version"] == 3 and export["classes"] == ["ants", "bees"]
+    assert (export["head"]["temperature"], export["head"]["class_weight"]) == (scaling["temperature"], "none")
     assert export["layers"] == metrics["layers"] and export["head"]["normalization"] == metrics["normalization"]
     assert export["backbone"]["preprocess"]["input_size"] == 32
     assert export["head"]["weight"].shape == (2, metrics["feature_dim"])
@@ -483,6 +566,9 @@ def test_stage_writes_metrics_predictions_errors_plots_and_an_export_that_predic
     assert f"accuracy [95% Wilson interval] | {heldout['accuracy']:.4f} [{heldout['accuracy_ci_low']:.4f}" in card
     assert "## Held-out performance (test split, 4 images" in card and "| ants | 8 | 4 | 2 |" in card
     assert metrics["features"]["weights_sha256"] in card and "python -m stages.predict" in card
+    assert f"T = {scaling['temperature']:.4g}, fitted on the out-of-fold logits of 24 selection images" in card
+    assert f"{heldout['ece']:.4f} before, {heldout['ece_calibrated']:.4f} after temperature scaling" in card
+    assert pool["head"]["temperature"] == 1.0  # the fine-tune's start is the uncalibrated pool probe
 
 
 def test_the_export_of_a_two_layer_l2_probe_predicts_what_the_head_evaluated(project: dict) -> None:

@@ -43,6 +43,8 @@ def test_repo_params_load_and_cover_every_key(raw: dict) -> None:
 
 @pytest.mark.parametrize("dotted, suggestion", [
     ("head.Cs", "C"),
+    ("head.class_weights", "class_weight"),
+    ("head.calibrate", "calibration"),
     ("extract.batchsize", "batch_size"),
     ("prepare.val_fraction_", "val_fraction"),
     ("weights.alow_network", "allow_network"),
@@ -131,6 +133,11 @@ BAD_VALUES = [
     ("head.selection_max_rows", 20, "head.selection_max_rows must be null or an integer of at least 10 x head.folds"),
     ("head.seed", "0", "head.seed must be an integer"),
     ("head.ece_bins", 0, "head.ece_bins must be a positive"),
+    ("head.class_weight", ["balance"], "head.class_weight[0] must be one of 'none', 'balanced'; got 'balance'"),
+    ("head.class_weight", ["none", "none"], "head.class_weight must be a list of distinct values, each none or "
+                                            "balanced; got ['none', 'none']"),
+    ("head.class_weight", [], "head.class_weight must be a list of (one of 'none', 'balanced')"),
+    ("head.calibration", "platt", "head.calibration must be one of 'temperature', 'none'; got 'platt'"),
     ("finetune.backbones", ["Res Net"], "finetune.backbones[0] must be a name"),
     ("finetune.backbones", ["efficientnet_lite0", "resnet50"],
      "finetune.backbones[1] must be one of `backbones` (efficientnet_lite0, efficientnet_lite1, efficientnet_lite2)"),

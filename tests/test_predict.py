@@ -115,7 +115,7 @@ def test_other_format_versions_and_pickled_objects_are_refused(project: dict, tm
     export = torch.load(project["model"], weights_only=True)
     torch.save({**export, "format_version": 99}, tmp_path / "future.pt")
     with pytest.raises(export_format.ExportError,
-                       match=r"future.pt: format_version is 99, this code reads \(1, 2\)"):
+                       match=r"future.pt: format_version is 99, this code reads \(1, 2, 3\)"):
         export_format.load_classifier(tmp_path / "future.pt")
     torch.save({**export, "extra": argparse.Namespace(x=1)}, tmp_path / "pickled.pt")
     with pytest.raises(export_format.ExportError, match=r"refused to load .*pickled.pt: not a plain tensor export"):

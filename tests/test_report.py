@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +424,21 @@ def test_head_warnings_are_carried_into_the_summary(project: Path) -> None:
             f"(all in reports/{LITE0}/metrics.json)") in markdown_of(project)
 
 
+def test_ece_after_temperature_scaling_and_balanced_class_weights_are_shown_beside_the_probe(project: Path) -> None:
+    write_lite0(project / "reports", heldout={**heldout(LITE0_PROBE), "ece_calibrated": 0.02},
+                class_weight="balanced", calibration={"method": "temperature", "temperature": 1.7})
+    summary = run_report(project)
+    probe = summary["rows"][LITE0]
+    assert (probe["ece"], probe["ece_calibrated"], probe["temperature"], probe["class_weight"]) == (
+        0.05, 0.02, 1.7, "balanced")
+    assert "ece_calibrated" not in summary["rows"][LITE1]  # not calibrated: its ECE alone
+    line = next(row for row in markdown_of(project).splitlines() if row.startswith(f"| {LITE0} | probe"))
+    assert "| 0.050 → 0.020 |" in line and "balanced class weights" in line
+    assert "ECE a → b: before → after the probe's temperature scaling" in markdown_of(project)
+    page = (project / "summary" / "report.html").read_text()
+    assert '<td data-value="0.05">0.050 → 0.020</td>' in page
+
+
 def test_only_params_backbones_are_listed(project: Path) -> None:
     write_backbone(project / "reports", LITE2, np.ones(N, dtype=bool))  # stale: LITE2 is no longer in params
     set_params(project, [LITE1])
@@ -637,3 +653,11 @@ def test_paths_outside_data_raw_get_no_thumbnail(project: Path) -> None:
     run_report(project)
     gallery = page_of(project).split('id="bb-efficientnet_lite0"')[1].split("</section>")[0]
     assert "image not available" in gallery and "<img" not in gallery.split("Misclassified")[1]
+
+
+def test_report_starts_without_torch() -> None:
+    """The report stage reads JSON/CSV and draws with matplotlib: importing it must not pull torch in (seconds)."""
+    code = "import sys, stages.report; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
