@@ -4,7 +4,7 @@
         --weights models/pretrained/NAME.pth --raw data/raw --reports reports/NAME
 
 Runs after extract@NAME and before head@NAME on the features of `audit.layer` (default pool), one row per image
-(TTA view rows averaged). The features file is checked as head checks it (stages.features.read_checked: the same
+(TTA view rows averaged). The features file is checked as head checks it (stages.features.open_checked: the same
 ProvenanceError when it was computed from another manifest, backbone or weight file).
 
 1. Near-duplicates (stages/audit_rules.py, every threshold from the dataset's own distribution): candidates are
@@ -63,7 +63,7 @@ from PIL import Image, ImageDraw, ImageFont
 from threadpoolctl import threadpool_limits
 
 from stages.evaluation import ProtocolError, heldout_split
-from stages.features import FeaturesError, read_checked, views_per_image
+from stages.features import READ_CHUNK_ROWS, FeaturesError, open_checked, views_per_image
 from stages.audit_rules import (WINDOW_SIDE, Thumbs, candidate_pairs, confirm_threshold, feature_evidence,
                                 gray_square, null_pairs, pixel_evidence, pixel_neighbours, pixel_similarity, robust_z,
                                 thumbnail_windows)
@@ -71,7 +71,7 @@ from stages.images import ImageDecodeError, load_rgb
 from stages.io import atomic_path, progress, setup_logging, write_json, write_text
 from stages.neighbours import cosine_search
 from stages.params import AuditParams, ParamError, load_params
-from stages.probes import LinearProbe
+from stages.probes import ChunkedStandardScaler, LinearProbe
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ def nearest_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = int(min(k, n - 1))
     if k < 1:
         return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-    found = cosine_search(x, x, k=k + 1, seed=0)
+    unit = np.array(x, dtype=np.float32, order="C", copy=True)  # one copy, searched against itself in place
+    found = cosine_search(unit, unit, k=k + 1, seed=0, in_place=True)
+    del unit
     sims, idx = found.similarity, found.index
     other = (idx != np.arange(n)[:, None]) & (idx >= 0)  # the row itself, wherever it ranks (ties with a copy)
     order = np.argsort(~other, axis=1, kind="stable")[:, :k]  # the other rows first, in rank order
@@ -187,9 +189,8 @@ def out_of_fold_proba(x: np.ndarray, y: np.ndarray, *, folds: int, C: float, see
     x [N, D], labels y [N], stratified `folds`-fold (each row predicted by the model fitted without it)."""
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LinearProbe(C=C, max_iter=1000))
+    model = make_pipeline(ChunkedStandardScaler(), LinearProbe(C=C, max_iter=1000))  # statistics over row slices
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with threadpool_limits(limits=1, user_api="blas"):
         return cross_val_predict(model, np.asarray(x, dtype=np.float32), y, cv=splitter, method="predict_proba")
@@ -453,24 +454,28 @@ def write_contact_sheets(out_dir: Path, report: dict[str, Any], *, raw: Path, ba
 
 # ------------------------------------------------------------------------------------------------ stage
 def read_rows(*, backbone: str, features_path: Path, manifest_path: Path, weights_path: Path, layer: str) -> Rows:
-    """The checked features of `layer` (an alias such as mid is resolved), one L2-normalized row per image."""
-    from stages.features import read_features
-
-    probe = read_features(features_path, layers=[])  # attributes only: resolve the alias before reading
-    aliases = probe.attrs.get("layer_aliases") or {}
-    stored = list(probe.attrs.get("layers") or [])
-    if aliases.get(layer, layer) not in stored:
-        raise AuditError(f"audit.layer {layer!r} is not in {features_path}, which holds {stored} (aliases "
-                         f"{aliases}); set audit.layer to one of them or add it to extract.layers (params.yaml)")
-    data, _ = read_checked(features_path, backbone=backbone, manifest_path=manifest_path,
-                           weights_path=weights_path, layers=[aliases.get(layer, layer)])
-    x = next(iter(data.features.values()))
-    views = views_per_image(data.attrs)
-    n = len(data.paths) // views
-    if views > 1:
-        x = x.reshape(n, views, x.shape[1]).mean(1, dtype=np.float32)
-    return Rows(features=l2_normalize(x), labels=data.labels[::views], split=data.split[::views],
-                paths=data.paths[::views], classes=list(data.attrs["classes"]))
+    """The checked features of `layer` (an alias such as mid is resolved), one L2-normalized row per image: read
+    lazily (stages.features.open_checked), READ_CHUNK_ROWS rows at a time, each chunk's TTA views averaged and its
+    rows normalized into one float32 [N, D] array (memory: that array plus a chunk; no whole copy as stored)."""
+    with open_checked(features_path, backbone=backbone, manifest_path=manifest_path,
+                      weights_path=weights_path) as (reader, _):
+        aliases = reader.attrs.get("layer_aliases") or {}
+        stored = list(reader.attrs.get("layers") or [])
+        name = aliases.get(layer, layer)
+        if name not in stored or name not in reader.layers:
+            raise AuditError(f"audit.layer {layer!r} is not in {features_path}, which holds {stored} (aliases "
+                             f"{aliases}); set audit.layer to one of them or add it to extract.layers (params.yaml)")
+        reader.check_finite([name])  # every value, before anything is computed (read_features' message)
+        views = views_per_image(reader.attrs)
+        n = reader.n_rows // views
+        x = np.empty((n, reader.dims([name])[name]), dtype=np.float32)
+        for start, chunk in reader.iter_chunks([name], chunk_rows=views * max(1, READ_CHUNK_ROWS // views)):
+            block = chunk[name]
+            if views > 1:
+                block = block.reshape(-1, views, block.shape[1]).mean(1, dtype=np.float32)
+            x[start // views:start // views + len(block)] = l2_normalize(block)
+        return Rows(features=x, labels=reader.labels[::views], split=reader.split[::views],
+                    paths=reader.paths[::views], classes=list(reader.attrs["classes"]))
 
 
 def run_audit(*, backbone: str, features_path: Path, manifest_path: Path, weights_path: Path, raw: Path,

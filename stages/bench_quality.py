@@ -44,7 +44,8 @@ import yaml
 from stages import extract, prepare, weights
 from stages.evaluation import mcnemar_exact
 from stages.features import FeatureFile, read_features
-from stages.head import Dataset, HeadError, arrange, evaluate_protocol
+from stages.head import HeadError, evaluate_protocol
+from stages.head_data import Dataset, arrange
 from stages.io import setup_logging, write_json
 from stages.metrics import accuracy_interval
 from stages.params import HeadParams, load_params

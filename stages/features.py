@@ -155,6 +155,12 @@ class FeatureReader:
     def n_rows(self) -> int:
         return len(self.paths)
 
+    @property
+    def augmented_layers(self) -> list[str]:
+        """The stored layers that have augmented rows (group "augmented"), extract.layers order."""
+        held = self.handle["augmented"] if "augmented" in self.handle and len(self.augmented_source) else {}
+        return [layer for layer in self.layers if layer in held]
+
     def dims(self, layers: Sequence[str] | None = None) -> dict[str, int]:
         """Columns of each layer of `layers` (default: every stored layer)."""
         return {layer: int(self.handle["features"][layer].shape[1]) for layer in _wanted(self.path, self.layers, layers)}
@@ -204,6 +210,19 @@ class FeatureReader:
         return {layer: self._checked(f"{group}/{layer}", ds[()], 0)
                 for layer, ds in self._datasets(layers, group).items()}
 
+    def check_finite(self, layers: Sequence[str] | None = None, *, chunk_rows: int = READ_CHUNK_ROWS) -> None:
+        """check_arrays' finiteness check (the same FeaturesError, counting every NaN or infinite value) on `layers`
+        (default: all) and their augmented rows, in one pass over the file, chunk by chunk."""
+        for group in ("features", "augmented"):
+            for layer, ds in self._datasets(layers, group).items():
+                bad = sum(int(block.size - np.count_nonzero(np.isfinite(block)))
+                          for block in (ds[start:start + chunk_rows] for start in range(0, ds.shape[0], chunk_rows)))
+                if bad and group == "features":
+                    raise damaged(self.path, f"the number of NaN or infinite values in features/{layer}", bad, "0")
+                if bad:
+                    raise damaged(self.path, f"augmented/{layer} (shape {ds.shape}, all finite: False)", "inconsistent",
+                                  f"finite values of shape {ds.shape}: one row per augmented_source entry")
+
     def _checked(self, name: str, block: np.ndarray, rows: int | np.ndarray) -> np.ndarray:
         """`block` unless it holds a non-finite value; `rows`: its first row's index, or every row's index."""
         finite = np.isfinite(block).all(axis=1)
@@ -234,13 +253,18 @@ def open_features(path: str | Path) -> Iterator[FeatureReader]:
         handle.close()
 
 
+def damaged(path: Path, what: str, found: Any, expected: str) -> FeaturesError:
+    """The error for a file whose `what` is `found` where the format says `expected`."""
+    return FeaturesError(f"{path}: {what} is {found} but expected {expected}; the file is damaged or was not "
+                         f"written by the extract stage. Delete it and re-run `dvc repro extract`.")
+
+
 def check_arrays(data: FeatureFile, *, finite: bool = True) -> None:
     """Raise FeaturesError unless every array has the contract's shape and dtype: features/<layer> [N, D] in the
     file's storage_dtype (float16 | float32) and finite, labels [N] integer, split and sha256 [N]; N = rows of `path`.
     `finite=False`: shapes and dtypes only (the feature arrays may then be h5py datasets, not read here)."""
     def fail(what: str, found: Any, expected: str) -> None:
-        raise FeaturesError(f"{data.path}: {what} is {found} but expected {expected}; the file is damaged or was not "
-                        f"written by the extract stage. Delete it and re-run `dvc repro extract`.")
+        raise damaged(data.path, what, found, expected)
 
     n = len(data.paths)
     for name, values in (("labels", data.labels), ("split", data.split), ("sha256", data.sha256)):

@@ -20,6 +20,9 @@
    CUDA when present, warm-started along C), linear_svm, svm_rbf (Platt-calibrated).
    Feature sets concatenate pooled layers (`mid`: the backbone's last-but-one stage, attrs layer_aliases);
    normalization: standardize, l2 (each layer to norm sqrt(D)), or l2+standardize. Features stay float32.
+   Memory (stages/head_data.py): the file is read lazily, never a whole layer; the choosing rows are read once
+   (at most selection_max_rows images); a logreg refit larger than head_data.FIT_IN_MEMORY_BYTES streams its
+   rows in chunks (scaler statistics accumulated over chunks); held-out rows are predicted and searched in chunks.
    Calibration (head.calibration: temperature, stages/calibration.py): a logreg head's logits are divided by one
    temperature T fitted on the chosen candidate's out-of-fold selection logits (the folds' own fits, no refit);
    the export applies T, so predict's probabilities are calibrated. metrics.json `calibration` holds T and the
@@ -51,6 +54,7 @@ Outputs (predictions are the argmax of the probabilities everywhere; every accur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -58,7 +62,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +72,11 @@ from torch import nn
 from stages.backbones import (MID_ALIAS, WeightsError, build_model, classifier_path, get_backbone, load_weights,
                               module_version, replace_module)
 from stages.io import setup_logging, sha256_file, write_json
-from stages.features import FeatureFile, FeaturesError, ProvenanceError, read_checked, views_per_image  # noqa: F401 (ProvenanceError: part of head's errors)
-from stages.evaluation import (ProtocolError, heldout_split, normalize_blocks, selection_rows, spread,
-                               stratified_folds, stratified_subsample)
+from stages import head_data
+from stages.features import FeatureReader, FeaturesError, ProvenanceError, open_checked  # noqa: F401 (ProvenanceError: part of head's errors)
+from stages.evaluation import (ProtocolError, heldout_split, selection_rows, spread, stratified_folds,
+                               stratified_subsample)
+from stages.head_data import Dataset, arrange_stored
 from stages.metrics import classification_metrics
 from stages.head_outputs import write_head_reports
 from stages.head_extras import few_shot_curve, knn_probe
@@ -137,20 +142,38 @@ def score_group(dataset: Dataset, rows: np.ndarray, folds: Sequence[tuple[np.nda
 
 
 def fit_candidate(dataset: Dataset, rows: np.ndarray, candidate: Candidate, *, max_iter: int, seed: int) -> Probe:
-    """Refit `candidate` on the images `rows` (plus their augmented / view rows)."""
+    """Refit `candidate` on the images `rows` (plus their augmented / view rows). A logreg whose float32 features
+    would exceed head_data.FIT_IN_MEMORY_BYTES is fitted on them chunk by chunk (head_data.FitRows: the scaler's
+    mean and variance accumulated over chunks, then L-BFGS over chunks); any other fit holds them in memory."""
     tick = time.perf_counter()
-    x_fit, y_fit = dataset.fit_set(candidate.layers, candidate.normalization, rows)
+    streamed = (candidate.kind in ("logreg", "softmax")
+                and dataset.fit_bytes(candidate.layers, rows) > head_data.FIT_IN_MEMORY_BYTES)
+    if streamed:
+        x_fit = dataset.fit_rows(candidate.layers, candidate.normalization, rows)
+        y_fit = dataset.fit_labels(x_fit.own, x_fit.extra)
+    else:
+        x_fit, y_fit = dataset.fit_set(candidate.layers, candidate.normalization, rows)
     try:
         model = probe_pipeline(candidate.kind, candidate.normalization, C=candidate.C, max_iter=max_iter, seed=seed,
                                y=y_fit, class_weight=candidate.class_weight)
     except ProbeError as exc:
         raise HeadError(str(exc)) from None
-    messages = fit_recording(model, x_fit, y_fit)
+    if streamed:
+        if len(model) > 1:  # the scaler first (statistics over chunks), then the probe on standardized chunks
+            x_fit = dataclasses.replace(x_fit, scaler=model[0].fit(x_fit))
+        messages = fit_recording(model[-1], x_fit, y_fit)
+    else:
+        messages = fit_recording(model, x_fit, y_fit)
     for message in messages:
         logger.warning("%s refit: %s", candidate, message)
     return Probe(candidate=candidate, model=model, train_seconds=time.perf_counter() - tick,
                  warnings=[f"refit {candidate.as_dict()}: {m}" for m in messages],
                  block_dims=tuple(dataset.images[layer].shape[1] for layer in candidate.layers))
+
+
+def predict_rows(dataset: Dataset, index: np.ndarray, probe: Probe) -> np.ndarray:
+    """probe's probabilities [len(index), K] for images `index`, read and predicted chunk by chunk."""
+    return np.concatenate([probe.predict_proba(x) for x in dataset.iter_eval(probe.candidate.layers, "none", index)])
 
 
 def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> None:
@@ -169,59 +192,6 @@ def check_feature_dim(export: dict[str, Any], dim: int, features_path: Path) -> 
 
 
 # ------------------------------------------------------------------------------------------------ stage
-@dataclass(frozen=True)
-class Dataset:
-    """The features file arranged for the protocol: one row per manifest image (`images`, TTA views averaged)
-    plus extra training rows (`extra`, each from image `extra_source`): the TTA views themselves with
-    tta_mode "rows", and the augmented training views. A fit on images S uses S's extra rows too (with
-    tta_mode "rows" instead of S's averaged rows); evaluation uses the images' own rows."""
-    images: dict[str, np.ndarray]  # layer -> [N, D]
-    labels: np.ndarray  # [N]
-    split: np.ndarray  # [N]
-    paths: list[str]  # [N]
-    extra: dict[str, np.ndarray]  # layer -> [M, D]
-    extra_source: np.ndarray  # [M] image index
-    views_replace_images: bool = False  # tta_mode "rows": fit on the views instead of their mean
-
-    @classmethod
-    def from_arrays(cls, images: dict[str, np.ndarray], labels: np.ndarray, split: Sequence[str]) -> Dataset:
-        """A Dataset of in-memory features {layer: [N, D]} without extra rows (tests, benchmarks)."""
-        n = len(labels)
-        return cls(images=dict(images), labels=np.asarray(labels, dtype=np.int64), split=np.asarray(split),
-                   paths=[str(i) for i in range(n)], extra={k: v[:0] for k, v in images.items()},
-                   extra_source=np.zeros(0, dtype=np.int64))
-
-    def rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
-
-    def eval_set(self, layers: Sequence[str], normalization: str, index: np.ndarray) -> np.ndarray:
-        """Normalized features [len(index), D] of images `index`."""
-        return normalize_blocks([self.images[layer][index] for layer in layers], normalization)
-
-    def fit_set(self, layers: Sequence[str], normalization: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(normalized features [R, D], labels [R]) to fit on images `index`: their rows and extra rows."""
-        extra = np.flatnonzero(np.isin(self.extra_source, index))
-        own = np.empty(0, dtype=np.int64) if self.views_replace_images and len(extra) else np.asarray(index)
-        blocks = [np.concatenate([self.images[layer][own], self.extra[layer][extra]]) for layer in layers]
-        labels = np.concatenate([self.labels[own], self.labels[self.extra_source[extra]]])
-        return normalize_blocks(blocks, normalization), labels
-
-
-def arrange(data: FeatureFile) -> Dataset:
-    views = views_per_image(data.attrs)
-    n = len(data.paths) // views
-    images = {layer: (x if views == 1 else x.reshape(n, views, x.shape[1]).mean(1, dtype=np.float32))
-              for layer, x in data.features.items()}
-    extra = {layer: data.augmented.get(layer, np.zeros((0, x.shape[1]), x.dtype)) for layer, x in images.items()}
-    source = data.augmented_source
-    if views > 1:
-        extra = {layer: np.concatenate([x, extra[layer]]) for layer, x in data.features.items()}
-        source = np.concatenate([np.repeat(np.arange(n), views), source])
-    return Dataset(images=images, labels=data.labels[::views], split=data.split[::views],
-                   paths=data.paths[::views], extra=extra, extra_source=source.astype(np.int64),
-                   views_replace_images=views > 1)
-
-
 def resolve_feature_sets(feature_sets: Sequence[Sequence[str]], attrs: dict[str, Any],
                          stored: Sequence[str], features_path: Path, *, no_mid: bool = False) -> list[tuple[str, ...]]:
     """head.feature_sets with aliases (`mid`) replaced by the stored layer names (attrs layer_aliases);
@@ -248,10 +218,16 @@ def resolve_feature_sets(feature_sets: Sequence[Sequence[str]], attrs: dict[str,
     return out
 
 
-def load_checked_features(*, backbone_name: str, features_path: Path, manifest_path: Path,
-                          weights_path: Path) -> tuple[FeatureFile, dict[str, str]]:
-    """Read every stored layer and check provenance (stages.features.read_checked); also the input hashes."""
-    return read_checked(features_path, backbone=backbone_name, manifest_path=manifest_path, weights_path=weights_path)
+def load_checked_features(*, backbone_name: str, features_path: Path, manifest_path: Path, weights_path: Path,
+                          stack: contextlib.ExitStack | None = None) -> tuple[FeatureReader, dict[str, str]]:
+    """Open features_path lazily and check it (stages.features.open_checked: shapes, dtypes and provenance; then
+    every value finite, in one chunked pass); returns (reader, input hashes). The file stays open until `stack`
+    closes; without one it is closed once checked."""
+    with contextlib.ExitStack() as local:
+        reader, hashes = (stack or local).enter_context(open_checked(
+            features_path, backbone=backbone_name, manifest_path=manifest_path, weights_path=weights_path))
+        reader.check_finite()
+        return reader, hashes
 
 
 def selection_folds(dataset: Dataset, rows: np.ndarray, params: HeadParams
@@ -302,16 +278,8 @@ def drop_audited_heldout(dataset: Dataset, audit_path: Path | None) -> tuple[Dat
     if drop.sum() == np.sum(dataset.split == heldout):
         raise HeadError(f"--audit {audit_path} drops every {heldout} image; nothing would be evaluated. Set "
                         f"audit.cross_split: report (params.yaml)")
-    keep = np.flatnonzero(~drop)
-    new_index = np.cumsum(~drop) - 1
-    extra = np.flatnonzero(~drop[dataset.extra_source]) if len(dataset.extra_source) else dataset.extra_source
     dropped = sorted(p for p, d in zip(dataset.paths, drop) if d)
-    return Dataset(
-        images={k: v[keep] for k, v in dataset.images.items()}, labels=dataset.labels[keep],
-        split=dataset.split[keep], paths=[dataset.paths[i] for i in keep],
-        extra={k: v[extra] for k, v in dataset.extra.items()},
-        extra_source=new_index[dataset.extra_source[extra]].astype(np.int64),
-        views_replace_images=dataset.views_replace_images), {"policy": policy, "dropped_from_heldout": dropped}
+    return dataset.without(drop), {"policy": policy, "dropped_from_heldout": dropped}
 
 
 def choice_rows(dataset: Dataset, rows: np.ndarray, params: HeadParams) -> tuple[np.ndarray, dict[str, Any]]:
@@ -341,7 +309,7 @@ def refit_feature_sets(dataset: Dataset, rows: np.ndarray, heldout: np.ndarray, 
     for layers in feature_sets:
         own = choose([s for s in scores if s.candidate.layers == layers])
         probe = fit_candidate(dataset, rows, own.candidate, max_iter=params.max_iter, seed=params.seed)
-        proba = probe.predict_proba(dataset.eval_set(layers, "none", heldout))
+        proba = predict_rows(dataset, heldout, probe)
         probes[layers] = probe
         predictions["layers=" + "+".join(layers)] = proba
         per_set.append({"layers": list(layers), **own.candidate.as_dict(), "selection_accuracy": own.accuracy,
@@ -371,19 +339,23 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
     best candidate refit + held-out metrics, uncalibrated), "knn", "few_shot", "predictions" {row: held-out
     probabilities; "probe": the chosen probe's, calibrated}}."""
     heldout_name, rows, heldout = protocol_rows(dataset, classes)
-    chooser, used = choice_rows(dataset, rows, params)
-    folds, selection = selection_folds(dataset, chooser, params)
+    chooser_rows, used = choice_rows(dataset, rows, params)
+    chooser = dataset.subset(chooser_rows)  # the images that choose, in memory; image i is chooser_rows[i]
+    chooser_index = np.arange(len(chooser_rows))
+    folds, selection = selection_folds(chooser, chooser_index, params)
     n_classes = len(classes)
-    weights, selection["class_weight"] = class_weight_candidates(dataset.labels[chooser], params.class_weight,
+    weights, selection["class_weight"] = class_weight_candidates(chooser.labels, params.class_weight,
                                                                  n_classes=n_classes)
     logger.info("selection: %s on %d of %d images (%s), held out: %s (%d images); %d feature set(s) x %d "
-                "normalization(s) x %d kind(s) x %d class weight(s) x %d C", selection["method"], len(chooser),
+                "normalization(s) x %d kind(s) x %d class weight(s) x %d C", selection["method"], len(chooser_rows),
                 len(rows), ", ".join(sorted(set(dataset.split[rows]))), heldout_name, len(heldout), len(feature_sets),
                 len(params.normalization), len(params.kind), len(weights), len(params.C))
     try:
-        scores = select(dataset, chooser, folds, kinds=params.kind, feature_sets=feature_sets,
+        scores = select(chooser, chooser_index, folds, kinds=params.kind, feature_sets=feature_sets,
                         normalizations=params.normalization, Cs=params.C, max_iter=params.max_iter,
                         seed=params.seed, n_classes=n_classes, class_weights=weights)
+        scores = [s if s.out_of_fold is None else  # out-of-fold rows index the dataset, as every other row index
+                  dataclasses.replace(s, out_of_fold=(chooser_rows[s.out_of_fold[0]], s.out_of_fold[1])) for s in scores]
         best = choose(scores)
         per_set, predictions, probes = refit_feature_sets(dataset, rows, heldout, scores, feature_sets=feature_sets,
                                                           classes=classes, params=params)
@@ -410,11 +382,13 @@ def evaluate_protocol(dataset: Dataset, classes: Sequence[str], params: HeadPara
 def calibrate_chosen(dataset: Dataset, heldout: np.ndarray, probe: Probe, best: Score, *, classes: Sequence[str],
                      params: HeadParams) -> tuple[Probe, np.ndarray, dict[str, Any]]:
     """The chosen probe with its temperature (head.calibration, stages/calibration.py: fitted on the selection's
-    out-of-fold logits), its held-out probabilities [H, K], and metrics.json's "calibration" record with the
-    held-out ECE and log loss before and after."""
+    out-of-fold logits), its held-out probabilities [H, K] (predicted chunk by chunk), and metrics.json's
+    "calibration" record with the held-out ECE and log loss before and after."""
     calibrated, record = calibrate(probe, best, dataset.labels, method=params.calibration, ece_bins=params.ece_bins)
-    x_heldout, y_heldout = dataset.eval_set(best.candidate.layers, "none", heldout), dataset.labels[heldout]
-    before, after = probe.predict_proba(x_heldout), calibrated.predict_proba(x_heldout)
+    y_heldout = dataset.labels[heldout]
+    pairs = [(probe.predict_proba(x), calibrated.predict_proba(x))
+             for x in dataset.iter_eval(best.candidate.layers, "none", heldout)]
+    before, after = (np.concatenate([p[i] for p in pairs]) for i in (0, 1))
     measured = {when: classification_metrics(proba, y_heldout, classes, ece_bins=params.ece_bins)
                 for when, proba in (("before", before), ("after", after))}
     record["heldout"] = {f"{key}_{when}": measured[when][key] for key in ("ece", "log_loss") for when in measured}
@@ -483,32 +457,33 @@ def run_head(*, backbone_name: str, features_path: Path, manifest_path: Path, we
         backbone = get_backbone(backbone_name, custom)
     except KeyError as exc:
         raise HeadError(f"--backbone: {exc.args[0]}") from None
-    data, hashes = load_checked_features(backbone_name=backbone_name, features_path=features_path,
-                                         manifest_path=manifest_path, weights_path=weights_path)
-    classes = list(data.attrs["classes"])
-    dataset, audit = drop_audited_heldout(arrange(data), audit_path)  # --audit: the audit stage's decision
-    feature_sets = resolve_feature_sets(params.feature_sets, data.attrs, list(dataset.images), features_path,
-                                        no_mid=backbone.mid_layer is None)
-    result = evaluate_protocol(dataset, classes, params, feature_sets)
-    heldout = result["heldout_rows"]
-    state, classifier = backbone_export(backbone, weights_path)
-    provenance = {  # the features file and what it was computed from
-        "path": str(features_path), "sha256": sha256_file(features_path),
-        "weights": str(weights_path), "manifest": str(manifest_path), **hashes,
-        **{key: data.attrs.get(key) for key in ("storage_dtype", "precision", "preprocess", "tta", "tta_mode")},
-        "n_images": len(dataset.labels), "augmented_rows": int(len(data.augmented_source))}
-    inputs = {"backbone": backbone, "state": state, "classifier": classifier, "attrs": data.attrs,
-              "classes": classes, "provenance": provenance, "features_path": features_path}
-    export = export_probe(result["probe"], dataset=dataset, heldout=heldout, inputs=inputs, result=result)
+    with contextlib.ExitStack() as stack:  # the features file stays open while rows are read from it
+        data, hashes = load_checked_features(backbone_name=backbone_name, features_path=features_path,
+                                             manifest_path=manifest_path, weights_path=weights_path, stack=stack)
+        classes = list(data.attrs["classes"])
+        dataset, audit = drop_audited_heldout(arrange_stored(data), audit_path)  # --audit: the audit's decision
+        feature_sets = resolve_feature_sets(params.feature_sets, data.attrs, list(dataset.images), features_path,
+                                            no_mid=backbone.mid_layer is None)
+        result = evaluate_protocol(dataset, classes, params, feature_sets)
+        heldout = result["heldout_rows"]
+        state, classifier = backbone_export(backbone, weights_path)
+        provenance = {  # the features file and what it was computed from
+            "path": str(features_path), "sha256": sha256_file(features_path),
+            "weights": str(weights_path), "manifest": str(manifest_path), **hashes,
+            **{key: data.attrs.get(key) for key in ("storage_dtype", "precision", "preprocess", "tta", "tta_mode")},
+            "n_images": len(dataset.labels), "augmented_rows": int(len(data.augmented_source))}
+        inputs = {"backbone": backbone, "state": state, "classifier": classifier, "attrs": data.attrs,
+                  "classes": classes, "provenance": provenance, "features_path": features_path}
+        export = export_probe(result["probe"], dataset=dataset, heldout=heldout, inputs=inputs, result=result)
+        # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
+        # the best pool-only candidate of the same selection (uncalibrated: T = 1, the fine-tune trains its own
+        # logits), or the chosen probe when pool alone was not offered (the fine-tune reads its weight and bias only).
+        pool_probe = result["probes"].get(("pool",), result["probe"])
+        pool_export = export_probe(pool_probe, dataset=dataset, heldout=heldout, inputs=inputs, result=result)
     save_export(model_path, export)
     save_onnx(onnx_path_for(model_path), export, images=read_sample_images(  # checked on held-out images
         raw_dir, [dataset.paths[i] for i in heldout], preprocess_from(export["backbone"]["preprocess"])))
-    # The fine-tune starts from a probe on the pooled embedding alone (its network ends in the pooled layer):
-    # the best pool-only candidate of the same selection (uncalibrated: T = 1, the fine-tune trains its own
-    # logits), or the chosen probe when pool alone was not offered (the fine-tune reads its weight and bias only).
-    pool_probe = result["probes"].get(("pool",), result["probe"])
-    save_export(model_path.parent / "probe_pool.pt",
-                export_probe(pool_probe, dataset=dataset, heldout=heldout, inputs=inputs, result=result))
+    save_export(model_path.parent / "probe_pool.pt", pool_export)
     metrics = head_metrics(result, backbone_name=backbone_name, provenance=provenance, audit=audit)
     write_json(reports_dir / "metrics.json", metrics)
     write_head_reports(reports_dir, model_path, metrics=metrics, result=result, labels=dataset.labels,

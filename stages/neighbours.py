@@ -6,13 +6,17 @@ L2-normalized float32 rows). Rule, by size only (never by a timing, so the same 
 - larger: an inverted-file index (faiss IndexIVFFlat, inner product) with nlist = round(sqrt(rows)) lists trained by
   seeded k-means on at most TRAIN_PER_LIST rows per list, probing NPROBE lists per query. Cost per query grows as
   sqrt(rows) instead of rows. Its recall@k against exact search is measured on a seeded sample of queries
-  (`recall_sample`) and reported with the result, so a reader sees what the approximation cost.
+  (`recall_sample`) and reported with the result, so a reader sees what the approximation cost. An index whose
+  float32 vectors would exceed FLAT_MAX_BYTES stores them as float16 instead (IndexIVFScalarQuantizer, QT_fp16:
+  half the memory, similarities to about 1e-3; at 1M x 1472 rows 2.9 GB instead of 5.9 GB).
+`cosine_search_rows` is the same search over rows read chunk by chunk (a callable), for bases held in a file.
 `cosine_index(base)` builds the same choice as a reusable index for searching many query chunks against one base,
 added in float32 chunks from a base kept in any float dtype (float16 halves what the caller holds); past
 EXACT_MAX_ROWS it stores 8-bit scalar codes (faiss IndexIVFScalarQuantizer: D + 8 bytes a row instead of 4 D).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,8 @@ EXACT_MAX_ROWS = 50_000
 TRAIN_PER_LIST = 40
 NPROBE = 16
 RECALL_QUERIES = 500
+FLAT_MAX_BYTES = 2 << 30  # an approximate index past this many bytes of float32 vectors stores float16
+SEARCH_CHUNK_ROWS = 16384  # rows normalized and added / searched at a time by cosine_search_rows
 KNN_TEMPERATURE = 0.07  # k-NN vote weight exp(cosine similarity / T), as in the DINO / InstDisc k-NN protocol
 
 
@@ -43,18 +49,22 @@ def l2_normalized(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     return out
 
 
-def _approximate_index(base: np.ndarray, *, seed: int) -> tuple[Any, dict[str, Any]]:
-    rows, dim = base.shape
+def _approximate_index(dim: int, rows: int, *, seed: int) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """An untrained IndexIVFFlat for `rows` base rows of `dim` columns, the sorted rows to train it on (seeded),
+    and its record."""
     nlist = int(round(np.sqrt(rows)))
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    if rows * dim * 4 <= FLAT_MAX_BYTES:
+        index, name = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT), "IndexIVFFlat"
+    else:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
+        name = "IndexIVFScalarQuantizer(fp16)"
     index.cp.seed = seed
-    sample = np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_LIST * nlist), replace=False)
-    index.train(base[np.sort(sample)])
-    index.add(base)
     index.nprobe = min(NPROBE, nlist)
-    return index, {"method": "approximate", "index": "IndexIVFFlat", "rows": rows, "nlist": nlist,
-                   "nprobe": int(index.nprobe), "train_rows": int(len(sample))}
+    sample = np.sort(np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_LIST * nlist), replace=False))
+    return index, sample, {"method": "approximate", "index": name, "rows": rows, "nlist": nlist,
+                           "nprobe": int(index.nprobe), "train_rows": int(len(sample))}
 
 
 def cosine_index(base: np.ndarray, *, seed: int = 0, exact_max_rows: int = EXACT_MAX_ROWS,
@@ -98,13 +108,63 @@ def cosine_search(base: np.ndarray, queries: np.ndarray, *, k: int, seed: int = 
         similarity, found = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         info: dict[str, Any] = {"method": "exact", "index": "IndexFlatIP", "rows": len(base)}
     else:
-        index, info = _approximate_index(base, seed=seed)
+        index, sample, info = _approximate_index(base.shape[1], len(base), seed=seed)
+        index.train(base[sample])
+        index.add(base)
         similarity, found = index.search(queries, k)
         del index
         if len(queries):
             info["recall_at_k"] = measured_recall(base, queries, found, k=k, sample=recall_sample, seed=seed)
     info["k"] = k
     return Neighbours(similarity=similarity, index=found.astype(np.int64), search=info)
+
+
+def cosine_search_rows(base: Callable[[np.ndarray], np.ndarray], n_base: int, queries: Callable[[np.ndarray], np.ndarray],
+                       n_queries: int, *, k: int, seed: int = 0, chunk_rows: int | None = None,
+                       exact_max_rows: int = EXACT_MAX_ROWS, recall_sample: int = RECALL_QUERIES) -> Neighbours:
+    """cosine_search for rows too many to hold as one float32 array: base(rows) and queries(rows) give the rows of
+    the index array `rows` [B, D] (any float dtype; normalized here, chunk by chunk). The same neighbours as
+    cosine_search on the whole arrays (the same rule by size, the same seeded training rows); memory: the exact
+    search holds the base (at most exact_max_rows rows), the approximate one its index, plus a chunk."""
+    k, chunk_rows = int(min(k, n_base)), chunk_rows or SEARCH_CHUNK_ROWS
+    chunks = [np.arange(start, min(n_base, start + chunk_rows)) for start in range(0, n_base, chunk_rows)]
+    if n_base <= exact_max_rows:
+        index = faiss.IndexFlatIP(int(base(np.arange(1)).shape[1]))
+        for rows in chunks:  # faiss.knn on the whole base and IndexFlatIP.search give the same neighbours
+            index.add(l2_normalized(base(rows), in_place=True))
+        info: dict[str, Any] = {"method": "exact", "index": "IndexFlatIP", "rows": n_base}
+    else:
+        index, sample, info = _approximate_index(int(base(np.arange(1)).shape[1]), n_base, seed=seed)
+        index.train(l2_normalized(base(sample), in_place=True))
+        for rows in chunks:
+            index.add(l2_normalized(base(rows), in_place=True))
+    parts = [index.search(l2_normalized(queries(np.arange(start, min(n_queries, start + chunk_rows))), in_place=True),
+                          k) for start in range(0, n_queries, chunk_rows)]
+    similarity = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, k), np.float32)
+    found = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, k), np.int64)
+    if info["method"] == "approximate" and n_queries:
+        picked = np.sort(np.random.default_rng(seed).choice(n_queries, size=min(recall_sample, n_queries),
+                                                            replace=False))
+        sampled = l2_normalized(queries(picked), in_place=True)
+        normalized = (l2_normalized(base(rows), in_place=True) for rows in chunks)  # the base, read once more
+        truth = _exact_over_chunks(sampled, normalized, offsets=[int(rows[0]) for rows in chunks], k=k)
+        hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found[picked], truth)]
+        info["recall_at_k"] = round(float(np.mean(hits)) / k, 4)
+    info["k"] = k
+    return Neighbours(similarity=similarity, index=found.astype(np.int64), search=info)
+
+
+def _exact_over_chunks(queries: np.ndarray, chunks: Iterator[np.ndarray], *, offsets: Sequence[int],
+                       k: int) -> np.ndarray:
+    """Indices [Q, k] of the exact k nearest rows of base chunks (normalized, in order, starting at `offsets`)."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for offset, chunk in zip(offsets, chunks):
+        s, i = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_s, best_i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i + offset], axis=1)
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+    return best_i
 
 
 def measured_recall(base: np.ndarray, queries: np.ndarray, found: np.ndarray, *, k: int, sample: int,

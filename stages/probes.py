@@ -8,7 +8,8 @@
 
 A probe is a Pipeline ([StandardScaler] + classifier) over `stages.evaluation.normalize_blocks` of its candidate's
 layers; `export_head` turns a fitted one into classifier.pt's head (stages/export.py), `verify_export` checks it.
-Memory: features stay float32 as stored (the scaler keeps float32; no float64 copy of a feature matrix).
+Memory: features stay float32 as stored (the scaler keeps float32 and accumulates its statistics over row slices,
+ChunkedStandardScaler; no float64 copy of a feature matrix).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ LOGREG_TOL = 1e-5  # lbfgs gradient tolerance on the mean loss; 1e-4 lets warm s
 CALIBRATION_FOLDS = 5
 LOGIT_BLOCK_ROWS = 8192  # rows per float64 block when computing logits
 FIT_CHUNK_ROWS = 65536  # rows per float32 chunk when LinearProbe fits features not stored as a float32 array
+STATS_CHUNK_ROWS = 16384  # rows per slice when ChunkedStandardScaler accumulates the mean and variance
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -178,6 +180,19 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(1)]
 
 
+class ChunkedStandardScaler(StandardScaler):
+    """StandardScaler whose fit accumulates the mean and variance over STATS_CHUNK_ROWS-row slices of X
+    (scikit-learn's partial_fit: float64 accumulators, a float64 temporary of one slice only), so X may be any
+    array that slices by rows (stages.head_data.FitRows) and is never copied whole in float64. With at most
+    STATS_CHUNK_ROWS rows it is StandardScaler.fit exactly; transform is StandardScaler's (float32 stays float32)."""
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> ChunkedStandardScaler:
+        self._reset()
+        for start in range(0, len(X), STATS_CHUNK_ROWS):
+            self.partial_fit(X[start:start + STATS_CHUNK_ROWS])
+        return self
+
+
 def make_head(kind: str, *, C: float, max_iter: int, seed: int, calibration_folds: int = CALIBRATION_FOLDS,
               class_weight: str = "none") -> Any:
     """An unfitted scikit-learn classifier with `predict_proba` for `head.kind` (features standardized);
@@ -293,7 +308,7 @@ def calibration_folds(y: np.ndarray, kind: str) -> int:
 
 def probe_pipeline(kind: str, normalization: str, *, C: float, max_iter: int, seed: int, y: np.ndarray,
                    class_weight: str = "none") -> Pipeline:
-    steps = [StandardScaler()] if "standardize" in normalization else []
+    steps = [ChunkedStandardScaler()] if "standardize" in normalization else []
     return make_pipeline(*steps, make_head(kind, C=C, max_iter=max_iter, seed=seed, class_weight=class_weight,
                                            calibration_folds=calibration_folds(y, kind)))
 

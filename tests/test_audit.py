@@ -359,3 +359,24 @@ def test_pixel_neighbours_find_mirrored_and_cropped_copies_searching_in_chunks(e
     assert idx[7, 0] == 151  # the original's 80% window is the copy's whole (a pair: in either list)
     assert sims[150, 0] > 0.95 and np.all(np.diff(sims[:199], axis=1) <= 0) and np.all(idx[199] == -1)
     assert not np.any(idx == np.arange(200)[:, None])
+
+
+def test_rows_are_read_in_chunks_with_their_views_averaged_as_a_whole_read_gives(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """read_rows reads the file lazily, a few rows at a time: each image's TTA view rows (tta_mode rows) averaged
+    and normalized, exactly as the whole layer read at once; labels, splits and paths one per image."""
+    project = make_project(tmp_path)
+    with h5py.File(project["features"], "r+") as h5:
+        x = h5["features/pool"][()]
+        views = np.stack([x, x + np.random.default_rng(1).normal(0, 0.1, x.shape).astype(np.float32)], axis=1)
+        for name in ("features/pool", "labels", "split", "sha256", "path"):
+            values = views.reshape(-1, x.shape[1]) if name == "features/pool" else np.repeat(h5[name][()], 2)
+            del h5[name]
+            h5.create_dataset(name, data=values, dtype=h5py.string_dtype("utf-8") if name == "path" else None)
+        h5.attrs["tta"], h5.attrs["tta_mode"] = '["none", "hflip"]', "rows"
+    monkeypatch.setattr(audit, "READ_CHUNK_ROWS", 5)  # 4 rows (2 images) a chunk, the last one short
+    rows = audit.read_rows(backbone="tiny", features_path=project["features"], manifest_path=project["manifest"],
+                           weights_path=project["weights"], layer="pool")
+    np.testing.assert_array_equal(rows.features, audit.l2_normalize(views.mean(1, dtype=np.float32)))
+    assert rows.features.dtype == np.float32 and rows.features.shape == x.shape
+    assert rows.paths == [r[0] for r in project["rows"]] and rows.labels.tolist() == [r[2] for r in project["rows"]]

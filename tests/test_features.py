@@ -86,3 +86,23 @@ def test_shapes_and_dtypes_are_checked_on_open(tmp_path):
     with pytest.raises(FeaturesError, match=r"does not exist; run `dvc repro extract` first"):
         with open_features(tmp_path / "missing.h5"):
             pass
+
+
+def test_check_finite_counts_every_bad_value_with_the_whole_file_message(tmp_path):
+    """FeatureReader.check_finite: one chunked pass, the same FeaturesError read_features gives (every value
+    counted), so a stage that reads lazily refuses a damaged file with the same message."""
+    path = tmp_path / "f.h5"
+    write_file(path, bad_row=22)
+    with h5py.File(path, "r+") as h5:
+        values = h5["features/l0"][()]
+        values[3, 0] = np.inf
+        del h5["features/l0"]
+        h5.create_dataset("features/l0", data=values, chunks=(4, values.shape[1]))
+    with pytest.raises(FeaturesError) as whole:
+        read_features(path)
+    with open_features(path) as reader:
+        reader.check_finite(["l1"])  # l1 is finite
+        with pytest.raises(FeaturesError) as lazy:
+            reader.check_finite(chunk_rows=5)
+    assert str(lazy.value) == str(whole.value)
+    assert "the number of NaN or infinite values in features/l0 is 2 but expected 0" in str(lazy.value)

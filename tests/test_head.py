@@ -646,3 +646,125 @@ def test_feature_sets_asking_for_mid_are_skipped_when_the_backbone_declares_none
         hd.resolve_feature_sets([["pool"], ["pool", "mid"]], attrs, ["pool"], features)  # mid declared, not stored
     with pytest.raises(hd.HeadError, match=r"layer\(s\) \['mid'\]"):
         hd.resolve_feature_sets([["pool", "mid"]], attrs, ["pool"], features, no_mid=True)  # nothing left
+
+
+# ------------------------------------------------------------------------------------------------ scale
+def write_views_file(path: Path, *, n: int = 60, views: int = 2, augmented_every: int = 3) -> None:
+    """A float16 features file with `views` TTA view rows per image (tta_mode rows), augmented rows for every
+    `augmented_every`-th image, two layers whose classes separate, a third of the images held out (test)."""
+    rng = np.random.default_rng(7)
+    labels = np.arange(n) % 3
+    centres = {"pool": rng.normal(0, 2, (3, 8)), "mid": rng.normal(0, 2, (3, 4))}
+    source = np.arange(0, n, augmented_every, dtype=np.int64)
+    with h5py.File(path, "w") as h5:
+        for layer, centre in centres.items():
+            rows = np.repeat(centre[labels], views, axis=0) + rng.normal(0, 1, (n * views, centre.shape[1]))
+            h5.create_dataset(f"features/{layer}", data=rows.astype(np.float16), chunks=(16, centre.shape[1]))
+            h5.create_dataset(f"augmented/{layer}", data=(centre[labels[source]] + rng.normal(
+                0, 1, (len(source), centre.shape[1]))).astype(np.float16), chunks=(8, centre.shape[1]))
+        h5["augmented_source"] = source
+        h5["labels"] = np.repeat(labels, views).astype(np.int64)
+        h5["split"] = np.repeat(np.where((np.arange(n) // 3) % 3 == 2, b"test", b"train").astype("S5"), views)
+        h5["sha256"] = np.array([f"{i // views:064x}".encode() for i in range(n * views)], dtype="S64")
+        h5.create_dataset("path", data=np.array([f"c/{i // views:03d}.jpg" for i in range(n * views)], dtype=object),
+                          dtype=h5py.string_dtype("utf-8"))
+        h5.attrs.update(layers=json.dumps(["pool", "mid"]), storage_dtype="float16", classes=json.dumps(list("abc")),
+                        tta=json.dumps(["none", "hflip"][:views]), tta_mode="rows" if views > 1 else "average")
+
+
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every chunked path on: refits read their rows in chunks, and every chunk is a few rows."""
+    from stages import head_data
+
+    monkeypatch.setattr(head_data, "FIT_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(head_data, "EVAL_CHUNK_ROWS", 7)
+    monkeypatch.setattr(probes, "FIT_CHUNK_ROWS", 13)
+    monkeypatch.setattr(probes, "STATS_CHUNK_ROWS", 11)
+    monkeypatch.setattr(neighbours, "SEARCH_CHUNK_ROWS", 9)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_the_lazy_chunked_protocol_equals_the_in_memory_one(tmp_path: Path, views: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage reads the file lazily (head_data.arrange_stored) and refits, predicts and searches in chunks: the
+    same rows, choices and predictions as the whole file in memory (head_data.arrange), TTA view rows and augmented
+    rows included, audited held-out images dropped the same way."""
+    from stages import head_data
+    from stages.features import open_features, read_features
+
+    path = tmp_path / "f.h5"
+    write_views_file(path, views=views)
+    params = HeadParams(C=(0.1, 1.0), feature_sets=(("pool",), ("pool", "mid")), knn_k=(1, 5), few_shot=(1, 2),
+                        few_shot_draws=2, folds=3)
+    sets = [("pool",), ("pool", "mid")]
+    memory = head_data.arrange(read_features(path))
+    expected = hd.evaluate_protocol(memory, list("abc"), params, sets)
+    with open_features(path) as reader:
+        lazy = head_data.arrange_stored(reader)
+        index = np.array([0, 4, 5, 30, 56])
+        for normalization in ("none", "l2+standardize"):
+            np.testing.assert_array_equal(lazy.fit_set(("pool", "mid"), normalization, index)[0],
+                                          memory.fit_set(("pool", "mid"), normalization, index)[0])
+            np.testing.assert_array_equal(lazy.eval_set(("mid",), normalization, index),
+                                          memory.eval_set(("mid",), normalization, index))
+        drop = np.isin(np.arange(60), [2, 5, 8])
+        np.testing.assert_array_equal(lazy.without(drop).fit_set(("pool",), "none", index)[0],
+                                      memory.without(drop).fit_set(("pool",), "none", index)[0])
+        small_chunks(monkeypatch)
+        got = hd.evaluate_protocol(lazy, list("abc"), params, sets)
+    assert got["selection"]["chosen"] == expected["selection"]["chosen"]
+    assert [s.accuracy for s in got["scores"]] == [s.accuracy for s in expected["scores"]]
+    assert got["knn"]["sweep"] == expected["knn"]["sweep"] and got["knn"]["search"] == expected["knn"]["search"]
+    np.testing.assert_array_equal(got["predictions"]["knn"], expected["predictions"]["knn"])
+    for row in expected["predictions"]:
+        np.testing.assert_allclose(got["predictions"][row], expected["predictions"][row], rtol=0, atol=1e-4)
+    assert [p["mean"] for p in got["few_shot"]] == [p["mean"] for p in expected["few_shot"]]
+    for layers, probe in expected["probes"].items():
+        if len(probe.model) > 1:  # the scaler's statistics, accumulated over chunks of 11 rows
+            np.testing.assert_allclose(got["probes"][layers].model[0].mean_, probe.model[0].mean_, rtol=1e-10)
+            np.testing.assert_allclose(got["probes"][layers].model[0].var_, probe.model[0].var_, rtol=1e-8)
+
+
+def test_a_streamed_refit_sees_only_float32_chunks_and_never_copies_the_features_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refit past head_data.FIT_IN_MEMORY_BYTES: LinearProbe gets row chunks of float32 (never float64), the
+    scaler statistics come from row slices, and the traced peak stays below one copy of the features."""
+    import tracemalloc
+
+    x, y = blobs(3000, 10, 64, seed=21, spread=0.3)  # 30,000 x 64 float32: 7.7 MB
+    dataset = arrays(x, y)
+    candidate = hd.Candidate("logreg", ("pool",), "l2+standardize", 1.0)
+    in_memory = hd.fit_candidate(dataset, np.arange(len(y)), candidate, max_iter=2000, seed=0)
+    small_chunks(monkeypatch)
+    monkeypatch.setattr(probes, "FIT_CHUNK_ROWS", 2048)
+    monkeypatch.setattr(probes, "STATS_CHUNK_ROWS", 2048)
+    seen: list[tuple[int, np.dtype]] = []
+    slicing = hd.head_data.FitRows.__getitem__
+
+    def spy(self, key):
+        out = slicing(self, key)
+        seen.append((len(out), out.dtype))
+        return out
+
+    monkeypatch.setattr(hd.head_data.FitRows, "__getitem__", spy)
+    tracemalloc.start()
+    try:
+        streamed = hd.fit_candidate(dataset, np.arange(len(y)), candidate, max_iter=2000, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert {dtype for _, dtype in seen} == {np.dtype(np.float32)} and max(n for n, _ in seen) == 2048
+    assert peak < 0.75 * x.nbytes, f"{peak / 1e6:.1f} MB traced for {x.nbytes / 1e6:.1f} MB of features"
+    held = x[:500]  # chunked sums round differently, so L-BFGS may stop one step apart (gradient tolerance 1e-5)
+    np.testing.assert_allclose(streamed.predict_proba(held), in_memory.predict_proba(held), rtol=0, atol=1e-3)
+
+
+def test_a_damaged_file_is_refused_before_anything_is_trained(project: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """Read lazily, the stage still checks every value first: the same message as a whole-file read, no outputs."""
+    with h5py.File(project["features"], "r+") as h5:
+        values = h5["features/pool"][()]
+        values[[1, 5], 3] = np.nan
+        h5["features/pool"][...] = values
+    assert run_stage(project) == 1
+    assert "the number of NaN or infinite values in features/pool is 2 but expected 0" in caplog.text
+    assert not (project["root"] / "reports" / "tiny" / "metrics.json").exists()

@@ -63,3 +63,41 @@ def test_votes_skip_neighbours_not_found_and_k_beyond_the_base_is_clamped() -> N
     np.testing.assert_allclose(lonely, [[0.5, 0.5]])  # nothing found: no vote, uniform
     few = nb.cosine_search(np.eye(3, dtype=np.float32), np.ones((1, 3), np.float32), k=10)
     assert few.index.shape == (1, 3) and few.search["k"] == 3
+
+
+@pytest.mark.parametrize("exact_max_rows", [10_000, 100])
+def test_search_over_row_chunks_gives_the_neighbours_of_the_whole_arrays(exact_max_rows: int) -> None:
+    """cosine_search_rows (rows read through a callable, normalized chunk by chunk) == cosine_search on the
+    whole arrays, exact and approximate (same seeded training rows, same index), with its recall measured."""
+    rng = np.random.default_rng(3)
+    base = (rng.normal(0, 1, (12, 16))[rng.integers(0, 12, 900)] + rng.normal(0, 0.3, (900, 16))).astype(np.float16)
+    queries = base[::7] + np.float16(0.01)
+    reads = []
+
+    def rows_of(x):
+        def read(index):
+            reads.append(len(index))
+            return x[index]
+        return read
+
+    whole = nb.cosine_search(base, queries, k=5, seed=2, exact_max_rows=exact_max_rows)
+    chunked = nb.cosine_search_rows(rows_of(base), len(base), rows_of(queries), len(queries), k=5, seed=2,
+                                    chunk_rows=64, exact_max_rows=exact_max_rows)
+    np.testing.assert_array_equal(chunked.index, whole.index)
+    np.testing.assert_allclose(chunked.similarity, whole.similarity, rtol=0, atol=1e-6)
+    assert chunked.search == whole.search
+    assert max(reads) <= max(64, whole.search.get("train_rows", 0), nb.RECALL_QUERIES)
+
+
+def test_a_large_approximate_index_stores_float16_and_still_finds_the_neighbours(monkeypatch) -> None:
+    """Past FLAT_MAX_BYTES of float32 vectors the index stores float16 (half the memory): the same lists, the same
+    neighbours on clustered data up to ties, similarities within float16 rounding."""
+    base, _ = clustered(4000)
+    queries, _ = clustered(300, seed=2)
+    flat = nb.cosine_search(base, queries, k=10, exact_max_rows=1000, seed=3)
+    monkeypatch.setattr(nb, "FLAT_MAX_BYTES", 1000)
+    half = nb.cosine_search(base, queries, k=10, exact_max_rows=1000, seed=3)
+    assert flat.search["index"] == "IndexIVFFlat" and half.search["index"] == "IndexIVFScalarQuantizer(fp16)"
+    overlap = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(half.index, flat.index)])
+    assert overlap >= 0.95 and half.search["recall_at_k"] >= flat.search["recall_at_k"] - 0.05
+    np.testing.assert_allclose(half.similarity[:, 0], flat.similarity[:, 0], atol=2e-3)
