@@ -49,17 +49,19 @@ def l2_normalized(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     return out
 
 
-def _approximate_index(dim: int, rows: int, *, seed: int) -> tuple[Any, np.ndarray, dict[str, Any]]:
-    """An untrained IndexIVFFlat for `rows` base rows of `dim` columns, the sorted rows to train it on (seeded),
-    and its record."""
+def _approximate_index(dim: int, rows: int, *, seed: int,
+                       codes: str | None = None) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """An untrained inverted-file index for `rows` base rows of `dim` columns, the sorted rows to train it on
+    (seeded), and its record. codes: None stores float32 vectors (IndexIVFFlat), or float16 past FLAT_MAX_BYTES;
+    "8bit" stores 8-bit scalar codes (D + 8 bytes a row)."""
     nlist = int(round(np.sqrt(rows)))
     quantizer = faiss.IndexFlatIP(dim)
-    if rows * dim * 4 <= FLAT_MAX_BYTES:
+    if codes is None and rows * dim * 4 <= FLAT_MAX_BYTES:
         index, name = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT), "IndexIVFFlat"
     else:
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                              faiss.METRIC_INNER_PRODUCT)
-        name = "IndexIVFScalarQuantizer(fp16)"
+        kind, name = ((faiss.ScalarQuantizer.QT_8bit, "IndexIVFScalarQuantizer(8 bit)") if codes == "8bit" else
+                      (faiss.ScalarQuantizer.QT_fp16, "IndexIVFScalarQuantizer(fp16)"))
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, kind, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     index.nprobe = min(NPROBE, nlist)
     sample = np.sort(np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_LIST * nlist), replace=False))
@@ -70,25 +72,16 @@ def _approximate_index(dim: int, rows: int, *, seed: int) -> tuple[Any, np.ndarr
 def cosine_index(base: np.ndarray, *, seed: int = 0, exact_max_rows: int = EXACT_MAX_ROWS,
                  chunk: int = 65_536) -> tuple[Any, dict[str, Any]]:
     """A faiss inner-product index of the rows of base [M, D] (unit rows, any float dtype), added `chunk` rows at a
-    time as float32: IndexFlatIP (exact, 4 D bytes a row) up to exact_max_rows, else IndexIVFScalarQuantizer with
-    8-bit codes (D + 8 bytes a row), nlist = round(sqrt(M)) trained by seeded k-means on at most TRAIN_PER_LIST rows
-    per list, NPROBE lists probed. Returns (index, how it searches). Search it with index.search(queries, k)."""
+    time as float32: IndexFlatIP (exact, 4 D bytes a row) up to exact_max_rows, else the inverted-file index of
+    cosine_search with 8-bit codes (D + 8 bytes a row). Returns (index, how it searches). Search it with
+    index.search(queries, k)."""
     rows, dim = base.shape
     if rows <= exact_max_rows:
         index: Any = faiss.IndexFlatIP(dim)
         info: dict[str, Any] = {"method": "exact", "index": "IndexFlatIP", "rows": rows}
     else:
-        nlist = int(round(np.sqrt(rows)))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = np.sort(np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_LIST * nlist),
-                                                            replace=False))
+        index, sample, info = _approximate_index(dim, rows, seed=seed, codes="8bit")
         index.train(l2_normalized(base[sample]))
-        index.nprobe = min(NPROBE, nlist)
-        info = {"method": "approximate", "index": "IndexIVFScalarQuantizer(8 bit)", "rows": rows, "nlist": nlist,
-                "nprobe": int(index.nprobe), "train_rows": int(len(sample))}
     for start in range(0, rows, chunk):
         index.add(l2_normalized(base[start:start + chunk]))
     return index, info
