@@ -47,10 +47,10 @@ WINDOW_OFFSETS = 5  # at this many offsets per side (one for the whole side),
 THUMB_SIDE = 24  # each resized to this square thumbnail (pixels)
 TILTS = (-6.0, 6.0)  # degrees: small rotations of the whole thumbnail also compared
 DETAIL_SIGMA = 3.0  # pixels of the thumbnail: the blur subtracted before correlating
-NULL_SAMPLE = 256
+NULL_SAMPLE = 256  # images whose k-th pixel neighbour gives the null of the confirmation
 SEARCH_CHUNK = 256  # images whose pixel search queries (80 rows each, 184 KB) are made and searched at a time
 MIN_CORRELATION = 0.75  # a floor under the confirmation threshold: with few or very unlike images the null's
-#                         spread is poorly measured, and a copy's detail thumbnails correlate far above this anyway  # images whose k-th pixel neighbour gives the null of the confirmation
+#                         spread is poorly measured, and a copy's detail thumbnails correlate far above this anyway
 
 
 def robust_z(values: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
